@@ -1,0 +1,235 @@
+"""Tests for vlray.ops.decode and the images from vlray.testing.images."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+from vlray.ops.decode import IMAGE_EXTENSIONS, DecodeError, decode_image, probe_image
+from vlray.testing import images as test_images
+from vlray.testing.images import (
+    UNUSUAL_IMAGE_SIZES,
+    bad_images,
+    extreme_aspect_png,
+    sample_photos,
+    unusual_images,
+)
+
+MAX_PIXELS = 100_000_000
+BAD_LIMIT = 10_000_000
+
+UNUSUAL = unusual_images()
+BAD = bad_images(BAD_LIMIT)
+
+
+def _hf_convert_to_rgb(data: bytes) -> np.ndarray:
+    from transformers.image_transforms import convert_to_rgb
+
+    return convert_to_rgb(Image.open(io.BytesIO(data)), return_numpy=True)
+
+
+def test_image_extensions() -> None:
+    assert {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"} == IMAGE_EXTENSIONS
+    assert isinstance(IMAGE_EXTENSIONS, frozenset)
+
+
+@pytest.mark.parametrize("name", sorted(UNUSUAL))
+def test_unusual_images_decode(name: str) -> None:
+    data = UNUSUAL[name]
+    arr = decode_image(data, max_pixels=MAX_PIXELS)
+    width, height = UNUSUAL_IMAGE_SIZES[name]
+    assert arr.shape == (height, width, 3)
+    assert arr.dtype == np.uint8
+    assert arr.flags.c_contiguous
+    assert probe_image(data, MAX_PIXELS) == (width, height)
+
+
+def test_exif_rotation_swaps_size() -> None:
+    data = UNUSUAL["exif_rotated.jpg"]
+    with Image.open(io.BytesIO(data)) as img:
+        stored = img.size
+    assert stored == (80, 48)
+    assert probe_image(data, MAX_PIXELS) == (48, 80)
+    arr = decode_image(data, max_pixels=MAX_PIXELS)
+    assert arr.shape == (80, 48, 3)
+    # Orientation 6 = rotate 90 degrees clockwise: the stored left column (red ~ 0)
+    # becomes the top row.
+    with Image.open(io.BytesIO(data)) as img:
+        expected = np.asarray(img.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    np.testing.assert_array_equal(arr, expected)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["rgba.png", "la.png", "palette_transparent.png", "gray.png", "cmyk.jpg", "1x1.png"],
+)
+def test_rgb_conversion_matches_transformers(name: str) -> None:
+    data = UNUSUAL[name]
+    ours = decode_image(data, max_pixels=MAX_PIXELS)
+    theirs = _hf_convert_to_rgb(data)
+    assert theirs.shape == ours.shape
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_transparency_is_composited_on_white() -> None:
+    # Alpha is 0 in the first column of rgba.png / la.png.
+    for name in ("rgba.png", "la.png"):
+        arr = decode_image(UNUSUAL[name], max_pixels=MAX_PIXELS)
+        assert (arr[:, 0] == 255).all(), name
+    pal = decode_image(UNUSUAL["palette_transparent.png"], max_pixels=MAX_PIXELS)
+    with Image.open(io.BytesIO(UNUSUAL["palette_transparent.png"])) as img:
+        transparent = np.asarray(img) == img.info["transparency"]
+    assert transparent.any()
+    assert (pal[transparent] == 255).all()
+
+
+def test_16bit_png_keeps_its_range() -> None:
+    data = UNUSUAL["16bit.png"]
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.mode.startswith("I")
+        # What we guard against: PIL clips 16-bit values to 255 on convert("RGB").
+        assert (np.asarray(img.convert("RGB"))[0, 1:] == 255).all()
+    arr = decode_image(data, max_pixels=MAX_PIXELS)
+    assert not (arr == 255).all()
+    row = arr[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255
+    assert np.all(np.diff(row) >= 0)  # monotonic ramp
+    assert len(np.unique(row)) > 200
+    assert (arr[..., 0] == arr[..., 1]).all() and (arr[..., 1] == arr[..., 2]).all()
+
+
+def test_16bit_mode_i_and_8bit_mode_i() -> None:
+    ramp = np.linspace(0, 65535, 64).astype(np.int32)[None, :].repeat(4, 0)
+    buf = io.BytesIO()
+    Image.fromarray(ramp, "I").save(buf, "TIFF")
+    arr = decode_image(buf.getvalue(), max_pixels=MAX_PIXELS)
+    assert arr[0, 0, 0] == 0 and arr[0, -1, 0] == 255
+    small = np.arange(64, dtype=np.int32)[None, :].repeat(4, 0)
+    buf = io.BytesIO()
+    Image.fromarray(small, "I").save(buf, "TIFF")
+    arr = decode_image(buf.getvalue(), max_pixels=MAX_PIXELS)
+    np.testing.assert_array_equal(arr[0, :, 0], np.arange(64))
+
+
+@pytest.mark.parametrize("name", ["animated.gif", "animated.webp"])
+def test_animated_gives_first_frame(name: str) -> None:
+    data = UNUSUAL[name]
+    with Image.open(io.BytesIO(data)) as img:
+        assert getattr(img, "n_frames", 1) >= 2
+    arr = decode_image(data, max_pixels=MAX_PIXELS)
+    assert (arr == np.array([255, 0, 0], dtype=np.uint8)).all()
+
+
+def test_other_modes() -> None:
+    cases = {
+        "1": Image.new("1", (8, 6), 1),
+        "F": Image.fromarray(np.full((6, 8), 100.0, dtype=np.float32), "F"),
+        "P": Image.new("RGB", (8, 6), (10, 20, 30)).convert("P"),
+        "I;16B": Image.fromarray(np.full((6, 8), 40000, dtype=">u2")),
+    }
+    for mode, img in cases.items():
+        buf = io.BytesIO()
+        img.save(buf, "TIFF" if mode in ("F", "I;16B") else "PNG")
+        arr = decode_image(buf.getvalue(), max_pixels=MAX_PIXELS)
+        assert arr.shape == (6, 8, 3), mode
+        assert arr.dtype == np.uint8
+        expected = {"F": 100, "I;16B": 40000 >> 8, "1": 255, "P": None}[mode]
+        if expected is not None:
+            assert (arr == expected).all(), mode
+    assert (decode_image(_png(Image.new("1", (8, 6), 1)), max_pixels=100) == 255).all()
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_images_raise_one_line(name: str) -> None:
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+    with pytest.raises(DecodeError) as info:
+        decode_image(BAD[name], max_pixels=BAD_LIMIT)
+    message = str(info.value)
+    assert message
+    assert "\n" not in message and "\r" not in message
+    assert len(message) <= 200
+    assert "Traceback" not in message and "\\x" not in message
+    assert isinstance(info.value, ValueError)
+
+
+def test_bad_messages() -> None:
+    def msg(name: str) -> str:
+        with pytest.raises(DecodeError) as info:
+            decode_image(BAD[name], max_pixels=BAD_LIMIT)
+        return str(info.value)
+
+    assert "empty" in msg("empty.jpg")
+    assert msg("random.jpg") == "not an image (unrecognised format)"
+    assert msg("text.txt.jpg") == "not an image (unrecognised format)"
+    assert msg("truncated.jpg").startswith("truncated JPEG")
+    assert "PNG" in msg("corrupt.png")
+
+
+def test_bomb_rejected_by_probe_without_decoding() -> None:
+    data = BAD["bomb.png"]
+    assert len(data) < 100_000
+    start = time.perf_counter()
+    with pytest.raises(DecodeError) as info:
+        probe_image(data, BAD_LIMIT)
+    assert time.perf_counter() - start < 0.5
+    message = str(info.value)
+    assert "decompression bomb" in message and str(BAD_LIMIT) in message
+    start = time.perf_counter()
+    with pytest.raises(DecodeError, match="decompression bomb"):
+        decode_image(data, max_pixels=BAD_LIMIT)
+    assert time.perf_counter() - start < 0.5
+    # It is a genuine image: the header is valid and a large enough limit accepts it.
+    side = int(message.split()[2].split("x")[0])
+    assert probe_image(data, side * side) == (side, side)
+
+
+def test_bomb_png_is_a_valid_png() -> None:
+    data = bad_images(max_pixels=10_000)["bomb.png"]
+    arr = decode_image(data, max_pixels=10**6)
+    assert arr.shape == (201, 201, 3)
+    assert (arr == 0).all()
+
+
+def test_pixel_limit_is_inclusive() -> None:
+    data = UNUSUAL["tiny_wide.png"]  # 300x3 = 900 pixels
+    assert probe_image(data, 900) == (300, 3)
+    with pytest.raises(DecodeError, match="exceeds limit 899"):
+        probe_image(data, 899)
+
+
+def test_sample_photos_deterministic_and_varied() -> None:
+    photos = sample_photos(8, seed=3)
+    assert photos == sample_photos(8, seed=3)
+    assert photos != sample_photos(8, seed=4)
+    assert [name for name, _ in photos] == [f"photo_{i:04d}.jpg" for i in range(8)]
+    shapes = set()
+    for _, data in photos:
+        assert data[:2] == b"\xff\xd8"
+        arr = decode_image(data, max_pixels=MAX_PIXELS)
+        assert arr.std() > 5  # real content, not flat
+        shapes.add(arr.shape[:2])
+    assert len(shapes) == 8
+
+
+def test_sample_photos_fallback_without_skimage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(test_images, "_skimage_sources", lambda: ())
+    photos = sample_photos(3)
+    for _, data in photos:
+        arr = decode_image(data, max_pixels=MAX_PIXELS)
+        assert arr.std() > 5
+
+
+def test_extreme_aspect_png() -> None:
+    data = extreme_aspect_png(300)
+    assert probe_image(data, MAX_PIXELS) == (1, 300)
+    assert decode_image(data, max_pixels=MAX_PIXELS).shape == (300, 1, 3)

@@ -1,0 +1,186 @@
+"""Command-line front ends of ``jobs/embed.py`` and ``jobs/query.py``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from vlray.config import ConfigError, JobConfig, build_config, parse_assignments
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _embed_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/embed.py",
+        description="Embed images with Ray Data and build a FAISS index. With no flags: the offline demo.",
+    )
+    p.add_argument("--config", help="YAML preset (configs/*.yaml)")
+    p.add_argument(
+        "--input", help="Parquet file/folder/glob or image folder (local, file://, s3://)"
+    )
+    p.add_argument("--output", help="output folder or s3:// prefix")
+    p.add_argument("--model", help="hub id, or a local save_pretrained folder")
+    p.add_argument("--weights", choices=["pretrained", "random"], help="model weights")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+    p.add_argument(
+        "--demo", action="store_true", help="run the offline demo (default with no flags)"
+    )
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def embed_config(argv: list[str]) -> JobConfig:
+    """Parses embed flags into a JobConfig (defaults < YAML < flags); the demo when no flags."""
+    args = _embed_parser().parse_args(argv)
+    overrides: dict[str, Any] = parse_assignments(args.set)
+    demo = args.demo or not argv
+    if demo and not args.config:
+        args.config = (
+            str(REPO / "configs" / "demo.yaml")
+            if (REPO / "configs" / "demo.yaml").exists()
+            else None
+        )
+    flat = {
+        "input": {"uri": args.input},
+        "output": {"uri": args.output},
+        "model": {"name": args.model, "weights": args.weights},
+    }
+    for section, values in flat.items():
+        for key, value in values.items():
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    if demo:
+        from vlray.demo import prepare_demo
+
+        data, model = prepare_demo()
+        overrides["demo"] = True
+        overrides.setdefault("input", {}).setdefault("uri", str(data))
+        overrides.setdefault("model", {}).setdefault("name", str(model))
+    return build_config(args.config, overrides)
+
+
+def print_summary(summary: dict[str, Any], config: JobConfig) -> None:
+    """The one-screen summary at the end of a run."""
+    out = summary["output"]
+    lines = [
+        "",
+        "vlray embed: done"
+        + (
+            "  [DEMO: random-weight model, results are not meaningful]"
+            if summary["weights"] == "random"
+            else ""
+        ),
+        f"  model      {summary['model']} ({summary['family']}, {summary['weights']} weights) on {summary['device']}",
+        f"  input      {summary['input']}",
+        f"  rows       {summary['rows_in']} in = {summary['embedded']} embedded + {summary['errors']} errors"
+        + ("" if summary["accounted"] else "   <-- MISMATCH"),
+    ]
+    if summary["errors"]:
+        lines.append(f"  errors     by stage: {summary['errors_by_stage']}  (see {out}/errors/)")
+    b = summary["buckets"]
+    lines += [
+        f"  speed      {summary['images_per_second']} images/s over {summary['job_seconds']} s (wall {summary['wall_seconds']} s incl. index)",
+        f"  buckets    {b['groups_per_batch']} shape groups per encoder batch, mean group size {b['mean_group_size']}",
+        f"  outputs    {out}/embeddings/  {out}/errors/  {out}/index/  {out}/_summary.json",
+    ]
+    if summary.get("index"):
+        lines.append(
+            f"  index      {summary['index']['factory']} over {summary['index']['count']} vectors"
+        )
+        lines.append(
+            "  try        python jobs/query.py --index "
+            + f'{out}/index --text "a photo of a cat" -k 5'
+        )
+    print("\n".join(lines))
+
+
+def embed_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/embed.py``; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    verbose = "-v" in argv or "--verbose" in argv
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from vlray.families import CheckpointError
+    from vlray.pipeline.sources import InputError
+
+    try:
+        config = embed_config(argv)
+        if config.demo:
+            print(
+                f"vlray demo: {config.input.uri} with a tiny RANDOM-weight SigLIP2 model (offline)"
+            )
+        from vlray.pipeline.job import run_job
+
+        summary = run_job(config)
+    except (ConfigError, CheckpointError, InputError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary, config)
+    return 0 if summary["accounted"] else 1
+
+
+def _query_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="jobs/query.py", description="Nearest neighbours in a vlray index."
+    )
+    p.add_argument("--index", required=True, help="OUT/index folder (local or s3://)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="text query (SigLIP families)")
+    what.add_argument("--image", help="image file path or URI")
+    what.add_argument("--id", help="id of an indexed image")
+    p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    p.add_argument(
+        "--json", action="store_true", help='print a JSON list of {"id", "score"}, best first'
+    )
+    return p
+
+
+def query_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``jobs/query.py``; returns the process exit code."""
+    args = _query_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlray.query import QueryError, Searcher
+
+    if args.k < 1:
+        print("error: -k must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        searcher = Searcher.open(args.index)
+        if args.text is not None:
+            hits = searcher.by_text(args.text, args.k)
+        elif args.image is not None:
+            hits = searcher.by_image(args.image, args.k)
+        else:
+            hits = searcher.by_id(args.id, args.k)
+    except QueryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(hits))
+        return 0
+    m = searcher.manifest
+    print(
+        f"index {args.index}: {m.get('count')} vectors, {m.get('factory')}, model {m.get('model')} ({m.get('weights')} weights)"
+    )
+    print(
+        f"loaded in {searcher.load_seconds:.3f} s; query took {searcher.last_query_seconds * 1000:.1f} ms"
+    )
+    for rank, hit in enumerate(hits, 1):
+        extra = f"  p={hit['probability']:.4f}" if "probability" in hit else ""
+        print(f"{rank:3d}. {hit['score']:.4f}{extra}  {hit['id']}")
+    return 0

@@ -1,0 +1,292 @@
+"""Typed job configuration: defaults in code < YAML preset < command-line flags.
+
+Every key is reachable from the command line with ``--set section.key=value``; unknown keys and
+bad values are collected and reported together, each with the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """One or more configuration problems; ``str()`` lists each on its own line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """S3 / S3-compatible storage settings. Empty values fall back to the AWS environment."""
+
+    endpoint_url: str = ""
+    region: str = ""
+    key: str = field(default="", repr=False)
+    secret: str = field(default="", repr=False)
+    anonymous: bool = False
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Where images come from and how rows are read."""
+
+    uri: str = ""
+    """Parquet file / folder / glob, or a folder of image files. Empty: the offline demo."""
+    image_column: str = "image"
+    id_column: str = "id"
+    max_pixels: int = 100_000_000
+    """Decompression-bomb limit: images whose header declares more pixels are refused undecoded."""
+    rows_per_block: int = 64
+    """Rows per read block; small blocks keep every decode actor busy on small inputs."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model: a hub id or a local ``save_pretrained`` folder, or a random-weight architecture."""
+
+    name: str = ""
+    weights: str = "pretrained"
+    """``pretrained`` (safetensors from ``name``) or ``random`` (architecture from ``arch``)."""
+    arch: str = ""
+    """Architecture config (config.json of a checkpoint, or a file in configs/arch/) for random weights."""
+    processor: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the checkpoint's preprocessor_config.json (e.g. max_num_patches)."""
+    dtype: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Ray resources and batch sizes (all mapped to Ray in ``vlray.pipeline.resources``)."""
+
+    decode_actors: int = 0
+    """CPU decode actors (0: one per CPU left after the encoders)."""
+    decode_batch_size: int = 32
+    encode_actors: int = 1
+    encode_batch_size: int = 128
+    max_group_size: int = 256
+    """Largest same-shape group run through the encoder in one forward."""
+    num_gpus: float = -1
+    """GPUs per encoder actor (-1: 1 when the cluster has GPUs, else 0)."""
+    num_cpus: int = 0
+    """CPUs of a local Ray started for the run (0: all)."""
+    torch_threads: int = 0
+    """Intra-op threads of the encoder on CPU (0: the CPUs reserved for it)."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how results are written."""
+
+    uri: str = "vlray-output"
+    rows_per_file: int = 2048
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """FAISS index choice."""
+
+    enabled: bool = True
+    factory: str = ""
+    """FAISS factory string; empty: chosen from the row count and the memory budget."""
+    memory_budget_gb: float = 4.0
+    flat_max: int = 200_000
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """The whole job."""
+
+    input: InputConfig = field(default_factory=InputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    s3: S3Config = field(default_factory=S3Config)
+    demo: bool = False
+    """Run on bundled sample images with a random-weight model (no download)."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
+    """Converts a YAML or string value to ``typ``; appends a problem and returns None on failure."""
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return _build(typ, value, where, problems)
+    origin = typing.get_origin(typ)
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, Mapping):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return None
+        return dict(value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        problems.append(f"{where}: expected true/false, got {value!r}")
+        return None
+    if typ in (int, float):
+        if isinstance(value, bool):
+            problems.append(f"{where}: expected a number, got {value!r}")
+            return None
+        try:
+            number = typ(value) if typ is float else int(str(value).replace("_", ""))
+        except (TypeError, ValueError):
+            problems.append(f"{where}: expected {typ.__name__}, got {value!r}")
+            return None
+        return number
+    if typ is str:
+        return "" if value is None else str(value)
+    return value
+
+
+def _build(cls: type, values: Mapping[str, Any], where: str, problems: list[str]) -> Any:
+    hints = _field_types(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            problems.append(f"{path}: unknown key (known here: {known})")
+            continue
+        coerced = _coerce(value, hints[key], path, problems)
+        if coerced is not None:
+            kwargs[key] = coerced
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([f"--set {dotted}: {part} is not a section"])
+    node[parts[-1]] = value
+
+
+def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
+    """Turns ``["a.b=1", "c=x"]`` into a nested mapping (values stay strings unless YAML maps)."""
+    tree: dict[str, Any] = {}
+    problems = []
+    for item in assignments:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set {item!r}: expected dotted.key=value")
+            continue
+        parsed: Any = value
+        if value.strip().startswith("{"):
+            parsed = yaml.safe_load(value)
+        _set_dotted(tree, key.strip(), parsed)
+    if problems:
+        raise ConfigError(problems)
+    return tree
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Reads a YAML preset into a mapping; a missing or malformed file raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([f"--config {path}: no such file (presets live in configs/)"])
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"--config {path}: not valid YAML ({exc})".replace("\n", " ")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"--config {path}: the top level must be a mapping"])
+    return data
+
+
+def _validate(config: JobConfig) -> list[str]:
+    problems = []
+    if config.model.weights not in ("pretrained", "random"):
+        problems.append(f"model.weights: {config.model.weights!r} is not 'pretrained' or 'random'")
+    if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        problems.append(f"model.dtype: {config.model.dtype!r} is not auto/float32/bfloat16/float16")
+    if config.output.dtype not in ("float32", "float16"):
+        problems.append(f"output.dtype: {config.output.dtype!r} is not float32 or float16")
+    for section, name in (
+        ("compute", "decode_batch_size"),
+        ("compute", "encode_batch_size"),
+        ("compute", "encode_actors"),
+        ("compute", "max_group_size"),
+        ("output", "rows_per_file"),
+        ("input", "max_pixels"),
+        ("input", "rows_per_block"),
+    ):
+        if getattr(getattr(config, section), name) < 1:
+            problems.append(f"{section}.{name}: must be >= 1")
+    if not config.demo and not config.input.uri:
+        problems.append(
+            "input.uri: no input given (use --input PATH, or run with no flags for the demo)"
+        )
+    if not config.demo and not config.model.name and not config.model.arch:
+        problems.append("model.name: no model given (use --model HUB_ID_OR_FOLDER)")
+    return problems
+
+
+def build_config(
+    yaml_path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> JobConfig:
+    """Builds the job config: typed defaults, then the YAML preset, then overrides (flags).
+
+    Raises:
+        ConfigError: listing every problem found, not just the first.
+    """
+    tree: dict[str, Any] = {}
+    if yaml_path is not None:
+        tree = load_yaml(yaml_path)
+    if overrides:
+        tree = _merge(tree, overrides)
+    problems: list[str] = []
+    config = _build(JobConfig, tree, "", problems)
+    problems += _validate(config)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def to_dict(config: JobConfig, redact: bool = True) -> dict[str, Any]:
+    """The config as plain data, with secrets removed (for summaries and manifests)."""
+    data = dataclasses.asdict(config)
+    if redact:
+        for key in ("key", "secret"):
+            if data["s3"].get(key):
+                data["s3"][key] = "***"
+    return data

@@ -1,0 +1,161 @@
+"""The model-family plug-in: resize policy, batched preprocessing, image and text encoders.
+
+A family is pure torch (no Ray). The pipeline only talks to this interface:
+
+* ``target_size(h, w)`` maps an (EXIF-oriented) source size to the model's target shape. The
+  target shape is the bucket key: decode actors resize to it in uint8, encoders group by it.
+* ``preprocess(images)`` turns a same-shape uint8 group ``(B, 3, H, W)`` into model inputs with
+  single tensor ops (no per-image loop).
+* ``load_encoder(...)`` builds the image encoder (and ``load_text_encoder`` the text tower).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torchvision.transforms.v2 import InterpolationMode
+
+from vlray.families.checkpoint import Checkpoint
+
+# PIL resample codes used in preprocessor_config.json -> torchvision interpolation.
+_RESAMPLE = {
+    0: InterpolationMode.NEAREST_EXACT,
+    1: InterpolationMode.LANCZOS,
+    2: InterpolationMode.BILINEAR,
+    3: InterpolationMode.BICUBIC,
+    4: InterpolationMode.BOX,
+    5: InterpolationMode.HAMMING,
+}
+
+
+def interpolation_from_resample(resample: int | str | None, default: int) -> InterpolationMode:
+    """Maps a PIL resample code (as in preprocessor_config.json) to a torchvision mode."""
+    if resample is None:
+        resample = default
+    if isinstance(resample, str):
+        return InterpolationMode(resample.lower())
+    try:
+        return _RESAMPLE[int(resample)]
+    except KeyError:
+        raise ValueError(f"unsupported resample code {resample!r} (expected 0-5)") from None
+
+
+class UnsupportedImage(ValueError):
+    """The model cannot take this image (e.g. an aspect ratio it rejects); becomes an error row."""
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Rescale + normalize exactly as transformers' TorchvisionBackend does (fused)."""
+
+    do_rescale: bool
+    rescale_factor: float
+    do_normalize: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def from_processor(
+        cls, processor: dict[str, Any], mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> Normalization:
+        """Reads do_rescale / rescale_factor / do_normalize / image_mean / image_std."""
+        return cls(
+            do_rescale=bool(processor.get("do_rescale", True)),
+            rescale_factor=float(processor.get("rescale_factor", 1 / 255)),
+            do_normalize=bool(processor.get("do_normalize", True)),
+            mean=tuple(float(v) for v in processor.get("image_mean", mean)),
+            std=tuple(float(v) for v in processor.get("image_std", std)),
+        )
+
+    def apply(self, images: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        """uint8 images -> float32 model units.
+
+        Args:
+            images: uint8 (any layout), values in [0, 255]; channels along ``channel_dim``.
+            channel_dim: the axis holding the 3 colour channels.
+
+        Returns:
+            float32 tensor of the same shape, bit-identical to the reference processor's values.
+        """
+        shape = [1] * images.dim()
+        shape[channel_dim] = -1
+        if self.do_rescale and self.do_normalize:
+            # The reference fuses rescale into mean/std: (x - mean/r) / (std/r), in float32.
+            mean = torch.tensor(self.mean, device=images.device) * (1.0 / self.rescale_factor)
+            std = torch.tensor(self.std, device=images.device) * (1.0 / self.rescale_factor)
+            out = images.to(torch.float32)
+            return out.sub_(mean.view(shape)).div_(std.view(shape))
+        out = images.to(torch.float32)
+        if self.do_normalize:
+            mean = torch.tensor(self.mean, device=images.device).view(shape)
+            std = torch.tensor(self.std, device=images.device).view(shape)
+            return out.sub_(mean).div_(std)
+        if self.do_rescale:
+            return out * self.rescale_factor
+        return out
+
+
+class ImageEncoder(ABC):
+    """Encodes preprocessed same-shape groups into L2-normalized embeddings."""
+
+    dim: int
+    device: torch.device
+    dtype: torch.dtype
+
+    @abstractmethod
+    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model inputs of one same-shape group -> (B, dim) float32 unit vectors, on CPU."""
+
+
+class TextEncoder(ABC):
+    """Encodes text queries into the image embedding space."""
+
+    @abstractmethod
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """Strings -> (B, dim) float32 unit vectors, on CPU."""
+
+    def probability(self, cosine: torch.Tensor) -> torch.Tensor | None:
+        """The model's own match probability for a cosine score, if it defines one."""
+        return None
+
+
+class Family(ABC):
+    """One model family. Built from a checkpoint's processor config (light, picklable)."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    produces_embeddings: ClassVar[bool] = True
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        self.checkpoint = checkpoint
+        self.processor = checkpoint.processor
+
+    @property
+    @abstractmethod
+    def interpolation(self) -> InterpolationMode:
+        """The filter of the uint8 resize to the target shape (antialiased, as the reference)."""
+
+    @abstractmethod
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """Source (height, width) -> target (height, width), the bucket key.
+
+        Raises:
+            UnsupportedImage: the model rejects this image.
+        """
+
+    @abstractmethod
+    def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A same-shape group, uint8 (B, 3, H, W) with (H, W) == target_size -> model inputs."""
+
+    @abstractmethod
+    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+        """Builds the image encoder on ``device`` in ``dtype``."""
+
+    def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+        """Builds the text tower; families without one raise with a clear message."""
+        raise NotImplementedError(
+            f"the {self.name} family has no text tower: query by --image or --id instead"
+        )

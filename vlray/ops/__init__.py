@@ -1,0 +1,1 @@
+"""Pure PIL/numpy image operations (no Ray, no torch)."""

@@ -1,0 +1,228 @@
+"""Decode encoded image bytes into RGB arrays, robustly and with a pixel limit.
+
+Everything here is pure PIL/numpy so it can run inside any Ray worker. Errors are
+reported as :class:`DecodeError` with a short, single-line, human-readable message
+that is safe to store next to a failed row (no stack traces, no raw bytes).
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+from PIL import ExifTags, Image, UnidentifiedImageError
+
+# We run our own decompression-bomb check (``width * height > max_pixels``) on the
+# header before any pixel is decoded, so PIL's global check would only get in the way
+# (it raises for > 2 * 89M pixels regardless of the caller's limit).
+Image.MAX_IMAGE_PIXELS = None
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+
+# PIL plugins we allow. Restricting the list keeps exotic decoders (EPS runs
+# Ghostscript, for example) out of reach of untrusted input. The JPEG plugin also
+# opens multi-picture JPEGs (format "MPO") written by many phone cameras.
+_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# Modes holding more than 8 bits per sample that PIL's convert("RGB") clips (values
+# above 255 all become white) instead of scaling.
+_WIDE_INT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+
+_ORIENTATION_TAG = ExifTags.Base.Orientation
+_TRANSPOSE: dict[int, Image.Transpose] = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_MAX_MESSAGE_CHARS = 200
+_BYTES_LITERAL = re.compile(r"""b(['"]).*?(?<!\\)\1""")
+
+
+class DecodeError(ValueError):
+    """An input could not be decoded as an image.
+
+    ``str(err)`` is one short human-readable line, e.g.
+    ``"not an image (unrecognised format)"`` or
+    ``"decompression bomb: 20000x20000 = 400000000 pixels exceeds limit 100000000"``.
+    """
+
+
+def _one_line(text: str) -> str:
+    text = _BYTES_LITERAL.sub("<bytes>", text)
+    text = " ".join(text.split())
+    if len(text) > _MAX_MESSAGE_CHARS:
+        text = text[: _MAX_MESSAGE_CHARS - 3] + "..."
+    return text
+
+
+def _wrap(exc: BaseException, fmt: str | None) -> DecodeError:
+    """Turn an arbitrary decoder exception into a one-line DecodeError."""
+    if isinstance(exc, UnidentifiedImageError):
+        return DecodeError("not an image (unrecognised format)")
+    if isinstance(exc, Image.DecompressionBombError):
+        return DecodeError(_one_line(f"decompression bomb: {exc}"))
+    detail = _one_line(str(exc)) or type(exc).__name__
+    kind = fmt or "image"
+    if "truncated" in detail.lower() or isinstance(exc, EOFError):
+        return DecodeError(_one_line(f"truncated {kind}: {detail}"))
+    return DecodeError(_one_line(f"corrupt {kind}: {detail} ({type(exc).__name__})"))
+
+
+def _check_nonempty(data: bytes) -> None:
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise DecodeError(f"invalid image size {width}x{height}")
+    pixels = width * height
+    if pixels > max_pixels:
+        raise DecodeError(
+            f"decompression bomb: {width}x{height} = {pixels} pixels exceeds limit {max_pixels}"
+        )
+
+
+def _orientation(img: Image.Image) -> int:
+    """EXIF (or XMP) orientation, 1 when absent or invalid. Reads headers only.
+
+    For PNG, PIL only sees an ``eXIf`` chunk placed before the pixel data without
+    loading the image, so we only look at what the header already exposed.
+    """
+    if img.format == "PNG" and "exif" not in img.info:
+        return 1
+    try:
+        value = img.getexif().get(_ORIENTATION_TAG, 1)
+        value = int(value)
+    except Exception:
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _open(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data), formats=_FORMATS)
+
+
+def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """Read the image header and return its displayed size, without decoding pixels.
+
+    Args:
+        data: Encoded image bytes (JPEG, PNG, WebP, BMP, GIF or TIFF).
+        max_pixels: Largest accepted ``width * height``.
+
+    Returns:
+        ``(width, height)`` after EXIF orientation, i.e. the size of the array that
+        :func:`decode_image` returns (as ``(shape[1], shape[0])``).
+
+    Raises:
+        DecodeError: Empty or unrecognised data, or more than ``max_pixels`` pixels.
+    """
+    _check_nonempty(data)
+    fmt: str | None = None
+    try:
+        with _open(data) as img:
+            fmt = img.format
+            _check_pixels(img.size, max_pixels)
+            width, height = img.size
+            if _orientation(img) >= 5:
+                width, height = height, width
+    except DecodeError:
+        raise
+    except Exception as exc:  # PIL raises many types for malformed headers.
+        raise _wrap(exc, fmt) from None
+    return width, height
+
+
+def _wide_int_to_l(img: Image.Image) -> Image.Image:
+    """Scale a 16/32-bit integer grayscale image to 8-bit mode "L"."""
+    arr = np.asarray(img)
+    if img.mode == "I":
+        # Mode "I" is int32 and may hold 8-bit or 16-bit data (older PIL opened
+        # 16-bit PNGs as "I"); only shift when values actually exceed 8 bits.
+        arr = np.clip(arr, 0, 65535)
+        if arr.size and int(arr.max()) > 255:
+            arr = arr >> 8
+    else:
+        arr = arr.astype(np.uint16, copy=False) >> 8
+    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="L")
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in _WIDE_INT_MODES:
+        transparency = img.info.get("transparency")
+        mask = None
+        if isinstance(transparency, int):
+            mask = np.asarray(img) == transparency
+        rgb = _wide_int_to_l(img).convert("RGB")
+        if mask is not None and mask.any():
+            arr = np.array(rgb)
+            arr[mask] = 255  # transparent over white, like convert_to_rgb
+            rgb = Image.fromarray(arr, mode="RGB")
+        return rgb
+    # Exactly transformers.image_transforms.convert_to_rgb for PIL images.
+    if "A" in img.getbands() or img.info.get("transparency") is not None:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Decode encoded image bytes into an RGB array.
+
+    Steps: header probe with the pixel limit (before any pixel is decoded), full
+    decode of the first frame (animated GIF/WebP, multi-page TIFF), EXIF/XMP orientation
+    (the transposition table of ``PIL.ImageOps.exif_transpose``, with the orientation
+    read from the header so the result always matches :func:`probe_image`), then RGB conversion with the semantics of
+    ``transformers.image_transforms.convert_to_rgb``: images with an alpha band or a
+    ``transparency`` entry are composited over opaque white, everything else
+    (L, 1, P, CMYK, YCbCr, F, ...) goes through ``convert("RGB")``.
+
+    One deliberate difference: 16-bit (and int32) grayscale images, modes ``"I;16*"``
+    and ``"I"`` as produced by 16-bit PNG/TIFF, are first scaled to 8 bits
+    (``value >> 8``; for mode ``"I"`` only when the maximum exceeds 255), because
+    PIL's ``convert("RGB")`` clips such values to 255, turning most of the image white.
+    A ``transparency`` key colour on such images is still composited to white.
+
+    Args:
+        data: Encoded image bytes (JPEG, PNG, WebP, BMP, GIF or TIFF).
+        max_pixels: Largest accepted ``width * height``; checked on the header.
+
+    Returns:
+        ``np.ndarray`` of shape ``(H, W, 3)``, dtype ``uint8``, values 0..255, RGB
+        channel order, C-contiguous, where ``(W, H)`` equals :func:`probe_image`.
+
+    Raises:
+        DecodeError: Empty, unrecognised, truncated or corrupt data, or more than
+            ``max_pixels`` pixels. The message is a single short line.
+    """
+    _check_nonempty(data)
+    fmt: str | None = None
+    try:
+        with _open(data) as img:
+            fmt = img.format
+            _check_pixels(img.size, max_pixels)
+            # Read orientation from the header, as probe_image does, so both agree.
+            orientation = _orientation(img)
+            img.load()  # Full decode here, so truncation/corruption raises now.
+            frame: Image.Image = img
+            if orientation != 1:
+                # Same transposition table as PIL.ImageOps.exif_transpose.
+                frame = img.transpose(_TRANSPOSE[orientation])
+            rgb = _to_rgb(frame)
+            arr = np.asarray(rgb, dtype=np.uint8)
+    except DecodeError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib...
+        raise _wrap(exc, fmt) from None
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise DecodeError(f"unexpected decoded shape {arr.shape}")
+    return np.ascontiguousarray(arr)

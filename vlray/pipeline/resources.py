@@ -1,0 +1,77 @@
+"""The whole mapping of vlray stages onto Ray resources, in one place.
+
+A Ray API change (``concurrency=`` -> ``compute=``, ...) is a change here only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from vlray.config import ComputeConfig
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """Resources of the read, decode, encode and write stages."""
+
+    decode_actors: int
+    decode_cpus: float
+    encode_actors: int
+    encode_cpus: float
+    encode_gpus: float
+    encode_threads: int
+    device: str
+    io_cpus: float = 0.1
+
+
+def plan_resources(compute: ComputeConfig, cluster: dict[str, float]) -> StagePlan:
+    """Splits the cluster between decode and encode actors.
+
+    CPU-only: each encoder reserves one CPU and runs torch with that many threads; decode actors
+    (single-threaded PIL + torchvision) share the rest with fractional reservations, leaving a
+    slice for the read and write tasks so they are never starved (Ray 2.60 hangs otherwise:
+    FIELD-NOTES). With GPUs: one GPU and one CPU per encoder, every other CPU decodes.
+    """
+    cpus = float(cluster.get("CPU", 1.0))
+    gpus = float(cluster.get("GPU", 0.0))
+    use_gpu = compute.num_gpus > 0 or (compute.num_gpus < 0 and gpus >= 1)
+    encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if use_gpu else 0.0
+    encode_actors = compute.encode_actors
+    if use_gpu and gpus:
+        encode_actors = max(1, min(encode_actors, int(gpus // encode_gpus)))
+    encode_cpus = 1.0 if use_gpu else min(1.0, max(0.25, cpus / 4))
+    io_cpus = 0.1
+    left = max(cpus - encode_actors * encode_cpus - 2 * io_cpus, 0.25)
+    decode_actors = compute.decode_actors or max(1, math.floor(left + 0.5))
+    decode_cpus = max(min(left / decode_actors, 1.0), 0.05)
+    threads = compute.torch_threads or max(1, int(round(encode_cpus))) if not use_gpu else 2
+    return StagePlan(
+        decode_actors=decode_actors,
+        decode_cpus=round(decode_cpus, 3),
+        encode_actors=encode_actors,
+        encode_cpus=encode_cpus,
+        encode_gpus=encode_gpus,
+        encode_threads=threads,
+        device="cuda" if use_gpu else "cpu",
+        io_cpus=io_cpus,
+    )
+
+
+def actor_stage(actors: int, cpus: float, gpus: float = 0.0) -> dict[str, Any]:
+    """Keyword arguments of ``map_batches`` for a fixed-size actor pool."""
+    import ray.data
+
+    kwargs: dict[str, Any] = {
+        "compute": ray.data.ActorPoolStrategy(min_size=actors, max_size=actors),
+        "num_cpus": cpus,
+    }
+    if gpus:
+        kwargs["num_gpus"] = gpus
+    return kwargs
+
+
+def task_stage(cpus: float) -> dict[str, Any]:
+    """Keyword arguments of ``map_batches`` for stateless tasks."""
+    return {"num_cpus": cpus}

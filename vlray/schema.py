@@ -1,0 +1,41 @@
+"""Column names and Arrow schemas of everything vlray reads and writes."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STAGES = ("read", "decode", "preprocess", "encode", "write")
+
+ROW_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),
+        ("data", pa.binary()),
+        ("uri", pa.string()),
+        ("error", pa.string()),
+        ("stage", pa.string()),
+    ]
+)
+"""Rows between the read and decode stages: bytes in ``data`` or a URI to fetch in ``uri``."""
+
+ERRORS_SCHEMA = pa.schema(
+    [("id", pa.string()), ("stage", pa.string()), ("error", pa.string()), ("source", pa.string())]
+)
+
+
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """``embeddings/*.parquet``: id, embedding fixed_size_list<float>[dim], width, height."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("embedding", pa.list_(value, dim)),
+            ("width", pa.int32()),
+            ("height", pa.int32()),
+        ]
+    )
+
+
+def empty_rows() -> pa.Table:
+    """A zero-row table in ``ROW_SCHEMA``."""
+    return ROW_SCHEMA.empty_table()
