@@ -16,7 +16,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -41,7 +40,13 @@ def make_parquet(path: Path, rows: int) -> None:
         img.save(buf, "JPEG", quality=90)
         base.append(buf.getvalue())
     blobs = [base[i % len(base)] for i in range(rows)]
-    pq.write_table(pa.table({"id": [f"img{i:07d}" for i in range(rows)], "image": pa.array(blobs, pa.binary())}), path, row_group_size=256)
+    pq.write_table(
+        pa.table(
+            {"id": [f"img{i:07d}" for i in range(rows)], "image": pa.array(blobs, pa.binary())}
+        ),
+        path,
+        row_group_size=256,
+    )
 
 
 def decode_limit(path: Path, family, seconds: float = 3.0) -> float:
@@ -68,7 +73,9 @@ def plain_loop(path: Path, ckpt: Path, threads: int) -> float:
     for i in range(0, len(blobs), 64):
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in blobs[i : i + 64]]
         with torch.no_grad():
-            out = model.get_image_features(**processor(images=images, return_tensors="pt")).pooler_output
+            out = model.get_image_features(
+                **processor(images=images, return_tensors="pt")
+            ).pooler_output
         torch.nn.functional.normalize(out, dim=-1).numpy()
     return len(blobs) / (time.perf_counter() - start)
 
@@ -85,7 +92,9 @@ class HandWritten:
     def __call__(self, batch):
         images = [Image.open(io.BytesIO(b)).convert("RGB") for b in batch["image"]]
         with torch.no_grad():
-            out = self.model.get_image_features(**self.processor(images=images, return_tensors="pt")).pooler_output
+            out = self.model.get_image_features(
+                **self.processor(images=images, return_tensors="pt")
+            ).pooler_output
         return {"id": batch["id"], "embedding": torch.nn.functional.normalize(out, dim=-1).numpy()}
 
 
@@ -94,7 +103,13 @@ def hand_written(path: Path, ckpt: Path, out: Path) -> float:
 
     start = time.perf_counter()
     ds = ray.data.read_parquet(str(path)).repartition(target_num_rows_per_block=64)
-    ds = ds.map_batches(HandWritten, fn_constructor_kwargs={"ckpt": str(ckpt)}, batch_size=64, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
+    ds = ds.map_batches(
+        HandWritten,
+        fn_constructor_kwargs={"ckpt": str(ckpt)},
+        batch_size=64,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
+    )
     ds.write_parquet(str(out))
     return time.perf_counter() - start
 
@@ -102,7 +117,15 @@ def hand_written(path: Path, ckpt: Path, out: Path) -> float:
 def vlray_job(path: Path, ckpt: Path, out: Path) -> float:
     from vlray.pipeline.job import run_job
 
-    config = build_config(None, {"input": {"uri": str(path)}, "output": {"uri": str(out)}, "model": {"name": str(ckpt)}, "index": {"enabled": False}})
+    config = build_config(
+        None,
+        {
+            "input": {"uri": str(path)},
+            "output": {"uri": str(out)},
+            "model": {"name": str(ckpt)},
+            "index": {"enabled": False},
+        },
+    )
     summary = run_job(config)
     assert summary["accounted"] and summary["errors"] == 0
     return summary["job_seconds"]
@@ -133,12 +156,18 @@ def main() -> None:
     ours = steady(n, vlray_job(small, ckpt, tmp / "o1"), vlray_job(large, ckpt, tmp / "o3"))
     hand = steady(n, hand_written(small, ckpt, tmp / "h1"), hand_written(large, ckpt, tmp / "h3"))
     limit = limit1 * args.cpus
-    print(f"machine: {os.cpu_count()} CPUs, Ray with {args.cpus}; {n} and {3 * n} 640x480 JPEGs; tiny SigLIP2, 64 patches")
-    print(f"decode-bound limit      {limit:8.0f} img/s  ({limit1:.0f} img/s single-core decode + resize x {args.cpus})")
+    print(
+        f"machine: {os.cpu_count()} CPUs, Ray with {args.cpus}; {n} and {3 * n} 640x480 JPEGs; tiny SigLIP2, 64 patches"
+    )
+    print(
+        f"decode-bound limit      {limit:8.0f} img/s  ({limit1:.0f} img/s single-core decode + resize x {args.cpus})"
+    )
     print(f"plain transformers loop {loop:8.0f} img/s")
     print(f"hand-written Ray Data   {hand:8.0f} img/s (steady)")
     print(f"vlray job               {ours:8.0f} img/s (steady)")
-    print(f"vlray / limit {ours / limit:.2f}   vlray / loop {ours / loop:.2f}x   vlray / hand-written {ours / hand:.2f}x")
+    print(
+        f"vlray / limit {ours / limit:.2f}   vlray / loop {ours / loop:.2f}x   vlray / hand-written {ours / hand:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -64,14 +64,18 @@ def main() -> None:
     images = [decode_image(b, max_pixels=10**9) for _, b in sample_photos(args.images)]
     pils = [Image.fromarray(i) for i in images]
     print(f"{args.images} decoded photos, {args.threads} threads, torch {torch.__version__}")
-    print(f"{'family':10s} {'reference (tv)':>15s} {'reference (PIL)':>16s} {'vlray':>10s} {'vs tv':>7s} {'vs PIL':>7s}  max|diff|")
+    print(
+        f"{'family':10s} {'reference (tv)':>15s} {'reference (PIL)':>16s} {'vlray':>10s} {'vs tv':>7s} {'vs PIL':>7s}  max|diff|"
+    )
     for name in args.families.split(","):
         arch, overrides = PRESETS[name]
         checkpoint = resolve_checkpoint(arch, weights="random", processor_overrides=overrides)
         family = family_for(checkpoint)
         ref_cls = getattr(transformers, checkpoint.processor["image_processor_type"])
         ref = ref_cls.from_pretrained(checkpoint.path, **overrides)
-        pil = getattr(transformers, ref_cls.__name__ + "Pil").from_pretrained(checkpoint.path, **overrides)
+        pil = getattr(transformers, ref_cls.__name__ + "Pil").from_pretrained(
+            checkpoint.path, **overrides
+        )
         t_ref, _ = bench(lambda ref=ref: ref(images=pils, return_tensors="pt"), repeat=2)
         t_pil, _ = bench(lambda pil=pil: pil(images=pils, return_tensors="pt"), repeat=2)
         t_ours, _ = bench(lambda family=family: vlray_preprocess(family, images))
