@@ -141,3 +141,26 @@ def test_random_weights_are_identical_across_loads(siglip2_checkpoint):
     ):
         assert torch.equal(pa_, pb), name
     assert checkpoint.random_weights
+
+
+@pytest.mark.parametrize("kind", ["siglip2", "siglip"])
+def test_vision_only_checkpoint(kind, siglip2_checkpoint, siglip_checkpoint, tmp_path):
+    """A checkpoint of the vision tower alone (``*VisionModel.save_pretrained``) embeds the same."""
+    import shutil
+
+    folder = siglip2_checkpoint if kind == "siglip2" else siglip_checkpoint
+    full = AutoModel.from_pretrained(folder)
+    full.vision_model.save_pretrained(tmp_path)
+    shutil.copy(folder / "preprocessor_config.json", tmp_path)
+    vision_family = family_for(resolve_checkpoint(str(tmp_path)))
+    family = family_for(resolve_checkpoint(str(folder)))
+    image = PHOTOS[0]
+    a = family.load_encoder(torch.device("cpu"), torch.float32).encode(
+        family.preprocess(_ours(family, image))
+    )
+    b = vision_family.load_encoder(torch.device("cpu"), torch.float32).encode(
+        vision_family.preprocess(_ours(vision_family, image))
+    )
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(NotImplementedError, match="no text tower"):
+        vision_family.load_text_encoder(torch.device("cpu"), torch.float32)

@@ -155,7 +155,7 @@ class Family(ABC):
         """Builds the image encoder on ``device`` in ``dtype``."""
 
     def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-        """Builds the text tower; families without one raise with a clear message."""
+        """Builds the text tower; families or checkpoints without one raise a clear message."""
         raise NotImplementedError(
-            f"the {self.name} family has no text tower: query by --image or --id instead"
+            f"{self.checkpoint.name} ({self.name}) has no text tower: query by --image or --id instead"
         )

@@ -149,3 +149,18 @@ def load_model(checkpoint: Checkpoint, model_cls: Any, dtype: torch.dtype) -> to
             checkpoint.path, dtype=dtype, use_safetensors=True, trust_remote_code=False
         )
     return model.eval()
+
+
+def is_vision_only(checkpoint: Checkpoint) -> bool:
+    """True for checkpoints of a vision tower alone (model_type ``*_vision_model``)."""
+    return checkpoint.model_type.endswith("_vision_model")
+
+
+def load_vision_tower(
+    checkpoint: Checkpoint, full_cls: Any, vision_cls: Any, dtype: torch.dtype
+) -> torch.nn.Module:
+    """The vision tower of a full checkpoint (``.vision_model``) or of a vision-only one."""
+    if is_vision_only(checkpoint):
+        return load_model(checkpoint, vision_cls, dtype)
+    model = load_model(checkpoint, full_cls, dtype)
+    return model.vision_model

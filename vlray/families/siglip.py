@@ -19,7 +19,7 @@ from vlray.families.base import (
     TextEncoder,
     interpolation_from_resample,
 )
-from vlray.families.checkpoint import Checkpoint, load_model
+from vlray.families.checkpoint import Checkpoint, is_vision_only, load_model, load_vision_tower
 
 TEXT_MAX_LENGTH = 64
 """SigLIP text towers were trained on text padded to 64 tokens."""
@@ -63,11 +63,11 @@ class SiglipImageEncoder(ImageEncoder):
     """``SiglipModel.vision_model`` pooled output, L2-normalized."""
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import SiglipModel
+        from transformers import SiglipModel, SiglipVisionModel
 
-        model = load_model(checkpoint, SiglipModel, dtype)
-        self.vision = model.vision_model.to(device)
-        del model
+        self.vision = load_vision_tower(checkpoint, SiglipModel, SiglipVisionModel, dtype).to(
+            device
+        )
         self.device, self.dtype = device, dtype
         self.dim = int(self.vision.config.hidden_size)
 
@@ -83,7 +83,7 @@ class SiglipFamily(Family):
     """Fixed-resolution SigLIP: every image is resized to ``size`` (e.g. 384x384), bicubic."""
 
     name = "siglip"
-    model_types = ("siglip",)
+    model_types = ("siglip", "siglip_vision_model")
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
@@ -117,5 +117,8 @@ class SiglipFamily(Family):
     def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         """The text tower of ``SiglipModel``."""
         from transformers import SiglipModel
+
+        if is_vision_only(self.checkpoint):
+            return super().load_text_encoder(device, dtype)
 
         return SiglipTextEncoder(self.checkpoint, SiglipModel, device, dtype)

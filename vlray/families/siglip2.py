@@ -24,7 +24,7 @@ from vlray.families.base import (
     TextEncoder,
     interpolation_from_resample,
 )
-from vlray.families.checkpoint import Checkpoint, load_model
+from vlray.families.checkpoint import Checkpoint, is_vision_only, load_vision_tower
 from vlray.families.siglip import IMAGENET_STANDARD, SiglipTextEncoder
 
 
@@ -66,11 +66,11 @@ class Siglip2ImageEncoder(ImageEncoder):
     """
 
     def __init__(self, checkpoint: Checkpoint, device: torch.device, dtype: torch.dtype) -> None:
-        from transformers import Siglip2Model
+        from transformers import Siglip2Model, Siglip2VisionModel
 
-        model = load_model(checkpoint, Siglip2Model, dtype)
-        self.vision = model.vision_model.to(device)
-        del model
+        self.vision = load_vision_tower(checkpoint, Siglip2Model, Siglip2VisionModel, dtype).to(
+            device
+        )
         self.device, self.dtype = device, dtype
         self.dim = int(self.vision.config.hidden_size)
         self._positions: dict[tuple[int, int], torch.Tensor] = {}
@@ -105,11 +105,11 @@ class Siglip2Family(Family):
     """SigLIP2 NaFlex: aspect-preserving resize to at most ``max_num_patches`` patches."""
 
     name = "siglip2"
-    model_types = ("siglip2",)
+    model_types = ("siglip2", "siglip2_vision_model")
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        vision = checkpoint.config.get("vision_config", {})
+        vision = checkpoint.config.get("vision_config", checkpoint.config)
         self.patch_size = int(self.processor.get("patch_size", vision.get("patch_size", 16)))
         self.max_num_patches = int(
             self.processor.get("max_num_patches", vision.get("num_patches", 256))
@@ -165,5 +165,8 @@ class Siglip2Family(Family):
     def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         """The SigLIP2 text tower (Gemma tokenizer), padded to 64 tokens."""
         from transformers import Siglip2Model
+
+        if is_vision_only(self.checkpoint):
+            return super().load_text_encoder(device, dtype)
 
         return SiglipTextEncoder(self.checkpoint, Siglip2Model, device, dtype)
