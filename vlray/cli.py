@@ -37,6 +37,11 @@ def _embed_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--demo", action="store_true", help="run the offline demo (default with no flags)"
     )
+    p.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="process again the rows in OUTPUT/errors/ (removed there when they succeed)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -46,6 +51,8 @@ def embed_config(argv: list[str]) -> JobConfig:
     args = _embed_parser().parse_args(argv)
     overrides: dict[str, Any] = parse_assignments(args.set)
     demo = args.demo or not argv
+    if args.retry_errors:
+        overrides["retry_errors"] = True
     if demo and not args.config:
         args.config = (
             str(REPO / "configs" / "demo.yaml")
@@ -116,6 +123,7 @@ def embed_main(argv: list[str] | None = None) -> int:
     )
     from vlray.families import CheckpointError
     from vlray.pipeline.sources import InputError
+    from vlray.pipeline.state import OutputLocked
 
     try:
         config = embed_config(argv)
@@ -126,6 +134,9 @@ def embed_main(argv: list[str] | None = None) -> int:
         from vlray.pipeline.job import run_job
 
         summary = run_job(config)
+    except OutputLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, CheckpointError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

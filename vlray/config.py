@@ -34,6 +34,14 @@ class S3Config:
     key: str = field(default="", repr=False)
     secret: str = field(default="", repr=False)
     anonymous: bool = False
+    fetch_concurrency: int = 16
+    """Image objects (``s3://`` / path cells) fetched at once per decode actor."""
+    max_attempts: int = 10
+    """Attempts per S3 request (AWS standard retry: 5xx, throttling, dropped connections)."""
+    connect_timeout_s: float = 10.0
+    request_timeout_s: float = 60.0
+    check_timeout_s: float = 5.0
+    """Deadline of the start-of-job reachability check of ``s3://`` input and output."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,8 @@ class JobConfig:
     s3: S3Config = field(default_factory=S3Config)
     demo: bool = False
     """Run on bundled sample images with a random-weight model (no download)."""
+    retry_errors: bool = False
+    """Process again the rows in ``errors/``; their old error rows are removed when redone."""
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from vlray.families import CheckpointError, family_for, resolve_checkpoint
 from vlray.index import SearchIndex
 from vlray.ops.decode import DecodeError, decode_image
 from vlray.ops.resize import resize_uint8
-from vlray.storage import list_files, locate, read_bytes
+from vlray.storage import list_files, locate, read_bytes, resolved_endpoint, scrub
 
 INDEX_FILES = ("index.faiss", "ids.parquet", "manifest.json")
 
@@ -34,9 +34,16 @@ def _local_index_dir(uri: str, s3: S3Config | None) -> str:
         return location.path
     from vlray.demo import demo_home
 
-    cache = demo_home() / "index-cache" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    # keyed by endpoint + URI: the same bucket name on two stores must not share a cache
+    key = f"{resolved_endpoint(s3)}|{location.uri}"
+    cache = demo_home() / "index-cache" / hashlib.sha256(key.encode()).hexdigest()[:16]
     cache.mkdir(parents=True, exist_ok=True)
-    manifest = read_bytes(location.join("manifest.json"))
+    try:
+        manifest = read_bytes(location.join("manifest.json"))
+    except FileNotFoundError:
+        raise QueryError(f"{uri} is not a vlray index (no manifest.json)") from None
+    # the job uploads manifest.json last and the cache writes it last: an equal manifest means
+    # every file in the cache is the one the manifest belongs to
     if (cache / "manifest.json").exists() and (cache / "manifest.json").read_bytes() == manifest:
         return str(cache)
     for name in INDEX_FILES:
@@ -68,7 +75,7 @@ class Searcher:
         except (OSError, ValueError) as exc:
             if isinstance(exc, QueryError):
                 raise
-            raise QueryError(f"cannot load index {uri}: {exc}") from None
+            raise QueryError(f"cannot load index {uri}: {scrub(str(exc), s3)}") from None
 
     @property
     def family(self) -> Any:

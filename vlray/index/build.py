@@ -317,6 +317,7 @@ def build_index(
         "factory": factory,
         "search_params": search_params,
         "train_rows": train_rows,
+        "trained_for": int(index.ntotal),
         "seed": seed,
         "index_file": INDEX_FILE,
         "ids_file": IDS_FILE,
@@ -334,4 +335,111 @@ def build_index(
     logger.info(
         "built %s index of %d x %d in %.1fs", factory, result["count"], dim, result["build_seconds"]
     )
+    return result
+
+
+def _kind(factory: str) -> str:
+    """The index family of a factory string: ``Flat``, ``HNSW`` or ``IVF`` (else the string)."""
+    head = factory.split(",")[0].upper()
+    for kind in ("HNSW", "IVF"):
+        if head.startswith(kind) or f",{kind}" in factory.upper():
+            return kind
+    return "Flat" if head == "FLAT" else factory
+
+
+def can_add(
+    manifest: dict | None,
+    *,
+    total: int,
+    dim: int,
+    memory_budget_bytes: int,
+    factory: str | None = None,
+    flat_max: int = FLAT_MAX_ROWS,
+) -> bool:
+    """Whether vectors can be added to an existing index instead of rebuilding it.
+
+    Yes when the existing index has the same dim, the index type chosen for the new total is
+    still the same kind (Flat, HNSW, IVF), an explicit factory (if any) is the one it was built
+    with, and for trained indexes (IVF, PQ) the data has not outgrown the training: at most 2x
+    the rows it was trained for, else the lists are too long and the codebooks too old.
+    """
+    if not manifest or manifest.get("dim") != dim or manifest.get("count", 0) == 0:
+        return False
+    existing = manifest.get("factory", "")
+    wanted = factory or choose_factory(total, dim, memory_budget_bytes, flat_max)
+    if factory and factory != existing:
+        return False
+    if _kind(wanted) != _kind(existing):
+        return False
+    if manifest.get("train_rows", 0) or _kind(existing) == "IVF":
+        return total <= 2 * int(manifest.get("trained_for", manifest.get("count", 0)))
+    return True
+
+
+def add_to_index(
+    batches: Batches,
+    index_dir: str | Path,
+    *,
+    dim: int,
+    count: int,
+    manifest: dict | None = None,
+) -> dict:
+    """Add streamed vectors to the index in ``index_dir`` (same atomic file protocol as build).
+
+    Args:
+        batches: Returns a fresh iterable of ``(ids, vectors)`` of the NEW rows only.
+        index_dir: A directory holding a finished index.
+        dim: Vector dimension (must match).
+        count: Rows ``batches`` yields (checked).
+        manifest: Caller fields merged into the manifest.
+
+    Returns:
+        The new manifest; its ``runs`` list gains one entry.
+    """
+    start = time.perf_counter()
+    out = Path(index_dir)
+    old = json.loads((out / MANIFEST_FILE).read_text())
+    if old.get("dim") != dim:
+        raise ValueError(f"cannot add {dim}-d vectors to a {old.get('dim')}-d index: rebuild it")
+    index = faiss.read_index(str(out / old.get("index_file", INDEX_FILE)))
+    index_path, ids_path = out / INDEX_FILE, out / IDS_FILE
+    ids_tmp, index_tmp = _tmp_name(ids_path), _tmp_name(index_path)
+    try:
+        rows = 0
+        with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
+            previous = pq.ParquetFile(out / old.get("ids_file", IDS_FILE))
+            for batch in previous.iter_batches(batch_size=1 << 16):
+                writer.write_table(pa.Table.from_batches([batch]).cast(IDS_SCHEMA))
+            for ids, vectors in batches():
+                ids, vectors = _check_batch(ids, vectors, dim)
+                if not ids:
+                    continue
+                writer.write_table(pa.table({"id": pa.array(ids, pa.string())}, schema=IDS_SCHEMA))
+                index.add(vectors)
+                rows += len(ids)
+        if rows != count:
+            raise ValueError(f"batches yielded {rows} rows but count={count}")
+        faiss.write_index(index, str(index_tmp))
+        (out / MANIFEST_FILE).unlink(missing_ok=True)
+        _fsync_replace(index_tmp, index_path)
+        _fsync_replace(ids_tmp, ids_path)
+    finally:
+        ids_tmp.unlink(missing_ok=True)
+        index_tmp.unlink(missing_ok=True)
+    result = {
+        **old,
+        **(manifest or {}),
+        "count": int(index.ntotal),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "vlray_version": _vlray_version(),
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    manifest_path = out / MANIFEST_FILE
+    manifest_tmp = _tmp_name(manifest_path)
+    try:
+        manifest_tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        _fsync_replace(manifest_tmp, manifest_path)
+    finally:
+        manifest_tmp.unlink(missing_ok=True)
+    logger.info("added %d vectors to %s index (now %d)", rows, old.get("factory"), result["count"])
     return result

@@ -10,14 +10,23 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlray.config import JobConfig, to_dict
-from vlray.families import Checkpoint, family_for, resolve_checkpoint
+from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeStage, EncodeStage, ReadStage, WriteStage
-from vlray.storage import Location, list_files, locate, write_bytes_atomic
+from vlray.storage import (
+    Location,
+    list_files,
+    locate,
+    read_bytes,
+    write_bytes_atomic,
+    write_parquet_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -124,17 +133,10 @@ def count_rows(output: Location, folder: str) -> int:
     return total
 
 
-def build_output_index(
-    config: JobConfig, checkpoint: Checkpoint, family_name: str, output: Location, dim: int
+def _index_manifest_fields(
+    config: JobConfig, checkpoint: Checkpoint, family_name: str
 ) -> dict[str, Any]:
-    """Builds index/ from every committed embedding (streamed), staging locally for S3."""
-    import shutil
-    import tempfile
-
-    from vlray.index import build_index
-
-    count = count_rows(output, "embeddings")
-    manifest = {
+    return {
         "model": checkpoint.name,
         "model_path": checkpoint.path,
         "family": family_name,
@@ -143,23 +145,117 @@ def build_output_index(
         "processor": checkpoint.processor,
         "output_dtype": config.output.dtype,
     }
+
+
+def _new_embeddings(output: Location, indexed: np.ndarray) -> tuple[Any, int]:
+    """(batches callable, count) of committed embeddings whose id is not in ``indexed``."""
+    from vlray.pipeline.state import hash_ids, is_done
+
+    source = iter_embeddings(output)
+
+    def batches() -> Any:
+        for ids, vectors in source():
+            keep = ~is_done(hash_ids(ids), indexed)
+            if keep.any():
+                yield [i for i, k in zip(ids, keep, strict=True) if k], vectors[keep]
+
+    return batches, sum(len(ids) for ids, _ in batches())
+
+
+def build_output_index(
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    family_name: str,
+    output: Location,
+    dim: int,
+    rows_added: int,
+) -> dict[str, Any]:
+    """Brings index/ up to date with every committed embedding (streamed).
+
+    Adds the vectors not yet indexed when the existing index still fits the new size (Flat, HNSW,
+    IVF within its training), else rebuilds. S3 outputs are staged in a local folder.
+    """
+    import shutil
+    import tempfile
+
+    from vlray.index import add_to_index, build_index, can_add
+    from vlray.pipeline.state import hash_ids
+
+    total = count_rows(output, "embeddings")
+    fields = _index_manifest_fields(config, checkpoint, family_name)
     index_loc = output.join("index")
     staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
-    result = build_index(
-        iter_embeddings(output),
-        staging,
-        dim=dim,
-        count=count,
-        factory=config.index.factory or None,
-        memory_budget_bytes=int(config.index.memory_budget_gb * (1 << 30)),
-        manifest=manifest,
+    budget = int(config.index.memory_budget_gb * (1 << 30))
+    existing: dict[str, Any] | None = None
+    try:
+        existing = json.loads(read_bytes(index_loc.join("manifest.json")))
+    except (FileNotFoundError, OSError, ValueError):
+        existing = None
+    same_model = existing is not None and all(
+        existing.get(k) == fields[k] for k in ("model", "family", "weights", "seed")
     )
+    runs = list(existing.get("runs", [])) if same_model and existing else []
+    mode = "rebuild"
+    if same_model and can_add(
+        existing,
+        total=total,
+        dim=dim,
+        memory_budget_bytes=budget,
+        factory=config.index.factory or None,
+        flat_max=config.index.flat_max,
+    ):
+        if not index_loc.is_local:
+            for name in ("index.faiss", "ids.parquet", "manifest.json"):
+                with open(os.path.join(staging, name), "wb") as f:
+                    f.write(read_bytes(index_loc.join(name)))
+        indexed = np.unique(
+            hash_ids(pq.read_table(os.path.join(staging, "ids.parquet")).column("id").to_pylist())
+        )
+        batches, count = _new_embeddings(output, indexed)
+        if existing and existing.get("count", 0) + count == total:
+            mode = "add"
+            runs.append(
+                {
+                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "rows_added": count,
+                    "mode": mode,
+                    "factory": existing.get("factory"),
+                }
+            )
+            result = add_to_index(
+                batches, staging, dim=dim, count=count, manifest={**fields, "runs": runs}
+            )
+    if mode == "rebuild":
+        factory = config.index.factory or None
+        if factory is None and total:
+            from vlray.index import choose_factory
+
+            factory = choose_factory(total, dim, budget, config.index.flat_max)
+        runs.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "rows_added": rows_added,
+                "mode": mode,
+                "factory": factory or "Flat",
+            }
+        )
+        result = build_index(
+            iter_embeddings(output),
+            staging,
+            dim=dim,
+            count=total,
+            factory=factory,
+            memory_budget_bytes=budget,
+            manifest={**fields, "runs": runs},
+        )
     if not index_loc.is_local:
+        # manifest last: a reader that sees the new manifest sees the new files
         for name in ("index.faiss", "ids.parquet", "manifest.json"):
             with open(os.path.join(staging, name), "rb") as f:
                 write_bytes_atomic(index_loc.join(name), f.read())
         shutil.rmtree(staging, ignore_errors=True)
-    return result
+    logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
+    return {**result, "mode": mode}
 
 
 def resolve_model(config: JobConfig) -> Checkpoint:
@@ -173,82 +269,164 @@ def resolve_model(config: JobConfig) -> Checkpoint:
     )
 
 
+STAT_KEYS = ("rows", "embedded", "errors", "groups", "batches", "decode_s", "encode_s", "write_s")
+
+
+def _drop_retried_errors(output: Location, old_error_files: list[str], new_files: list[str]) -> int:
+    """Removes from earlier errors/ files the ids this run processed again (``--retry-errors``)."""
+    from vlray.pipeline.state import hash_ids, is_done
+
+    if not old_error_files or not new_files:
+        return 0
+    fresh = []
+    for folder in ("embeddings", "errors"):
+        for name in new_files:
+            location = output.join(folder, name)
+            try:
+                with location.fs.open_input_file(location.path) as f:
+                    fresh.append(
+                        hash_ids(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                    )
+            except (FileNotFoundError, OSError):
+                continue
+    if not fresh:
+        return 0
+    retried = np.unique(np.concatenate(fresh))
+    removed = 0
+    for path in old_error_files:
+        if os.path.basename(path) in new_files:
+            continue
+        with output.fs.open_input_file(path) as f:
+            table = pq.read_table(f)
+        keep = ~is_done(hash_ids(table.column("id").to_pylist()), retried)
+        if keep.all():
+            continue
+        removed += int((~keep).sum())
+        if keep.any():
+            write_parquet_atomic(Location(output.fs, path, path), table.filter(pa.array(keep)))
+        else:
+            output.fs.delete_file(path)
+    return removed
+
+
+def _check_storage(config: JobConfig) -> None:
+    """Fails in seconds, before Ray starts, when an ``s3://`` input or output cannot be reached."""
+    from vlray.pipeline.sources import InputError
+    from vlray.storage import StorageError, check_reachable
+
+    for uri in (config.input.uri, config.output.uri):
+        if uri.startswith("s3://"):
+            try:
+                check_reachable(locate(uri, config.s3), config.s3)
+            except StorageError as exc:
+                raise InputError(str(exc)) from None
+
+
 def run_job(config: JobConfig) -> dict[str, Any]:
-    """Runs the whole job and returns the summary (also written to ``_summary.json``)."""
+    """Runs the whole job and returns the summary (also written to ``_summary.json``).
+
+    Incremental: rows whose id is already in ``embeddings/`` (or ``errors/``, unless
+    ``retry_errors``) are left out; the index is then brought up to date with all rows.
+
+    Raises:
+        OutputLocked: another run is using the same output.
+    """
     import ray
 
+    from vlray.pipeline.state import RunLock, done_ids, remove_stale_temp_files
+
     started = time.time()
+    _check_storage(config)
     checkpoint = resolve_model(config)
     family = family_for(checkpoint)
+    if not family.produces_embeddings:
+        raise CheckpointError(
+            f"{checkpoint.name} is a {family.name} model: it makes masks, not embeddings; "
+            "the mask job is not wired into jobs/embed.py yet"
+        )
     dim = _embedding_dim(checkpoint)
     output = locate(config.output.uri, config.s3)
-    plan = plan_input(config.input, config.s3)
-    ensure_ray(config)
-    stages = plan_resources(config.compute, ray.cluster_resources())
-    logger.info("input: %d rows in %d read tasks; stages: %s", plan.rows, len(plan.tasks), stages)
-    ds = build_dataset(config, plan, checkpoint, output, stages, dim)
-
-    totals: dict[str, float] = {}
-    stage_counts: dict[str, int] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in (
-            "rows",
-            "embedded",
-            "errors",
-            "groups",
-            "batches",
-            "decode_s",
-            "encode_s",
-            "write_s",
-        ):
-            totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
-        for text in batch["stage_counts"]:
-            for stage, n in ast.literal_eval(str(text)).items():
-                stage_counts[stage] = stage_counts.get(stage, 0) + n
-    job_seconds = time.time() - started
-
-    index_manifest: dict[str, Any] | None = None
-    if config.index.enabled:
-        index_manifest = build_output_index(config, checkpoint, family.name, output, dim)
-    wall = time.time() - started
-    embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
-    groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
-    summary = {
-        "rows_in": plan.rows,
-        "embedded": embedded,
-        "masks": 0,
-        "errors": errors,
-        "errors_by_stage": stage_counts,
-        "accounted": plan.rows == embedded + errors,
-        "wall_seconds": round(wall, 3),
-        "job_seconds": round(job_seconds, 3),
-        "images_per_second": round(plan.rows / job_seconds, 2) if job_seconds else 0.0,
-        "stage_busy_seconds": {
-            k: round(totals.get(f"{k}_s", 0.0), 3) for k in ("decode", "encode", "write")
-        },
-        "per_stage_images_per_busy_second": {
-            k: round(plan.rows / totals[f"{k}_s"], 1) if totals.get(f"{k}_s") else None
-            for k in ("decode", "encode", "write")
-        },
-        "buckets": {
-            "groups": round(groups),
-            "encoder_batches": round(batches),
-            "groups_per_batch": round(groups / batches, 3) if batches else 0.0,
-            "mean_group_size": round(embedded / groups, 2) if groups else 0.0,
-        },
-        "device": stages.device,
-        "resources": asdict(stages),
-        "model": checkpoint.name,
-        "family": family.name,
-        "weights": "random" if checkpoint.random_weights else "pretrained",
-        "input": plan.root.uri,
-        "output": output.uri,
-        "index": index_manifest and {k: index_manifest.get(k) for k in ("factory", "count", "dim")},
-        "config": to_dict(config),
-    }
-    write_bytes_atomic(
-        output.join("_summary.json"), json.dumps(summary, indent=2, default=str).encode()
-    )
+    with RunLock(output):
+        removed = remove_stale_temp_files(output)
+        if removed:
+            logger.warning("removed %d partial files left by an interrupted run", removed)
+        done = done_ids(output, include_errors=not config.retry_errors)
+        old_error_files = (
+            list_files(output.join("errors"), (".parquet",)) if config.retry_errors else []
+        )
+        plan = plan_input(config.input, config.s3, done)
+        logger.info(
+            "input: %d rows to do (%d already done) in %d read tasks",
+            plan.rows,
+            plan.skipped,
+            len(plan.tasks),
+        )
+        totals: dict[str, float] = {}
+        stage_counts: dict[str, int] = {}
+        new_files: list[str] = []
+        stages = None
+        if plan.tasks:
+            ensure_ray(config)
+            stages = plan_resources(config.compute, ray.cluster_resources())
+            ds = build_dataset(config, plan, checkpoint, output, stages, dim)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for key in STAT_KEYS:
+                    totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
+                for text in batch["stage_counts"]:
+                    for stage, n in ast.literal_eval(str(text)).items():
+                        stage_counts[stage] = stage_counts.get(stage, 0) + n
+                new_files += [str(name) for name in batch["file"]]
+        job_seconds = time.time() - started
+        retried = (
+            _drop_retried_errors(output, old_error_files, new_files) if config.retry_errors else 0
+        )
+        embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
+        index_manifest: dict[str, Any] | None = None
+        if config.index.enabled:
+            index_manifest = build_output_index(
+                config, checkpoint, family.name, output, dim, embedded
+            )
+        wall = time.time() - started
+        groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
+        summary = {
+            "rows_in": plan.rows,
+            "embedded": embedded,
+            "masks": 0,
+            "errors": errors,
+            "skipped_done": plan.skipped,
+            "errors_retried_and_removed": retried,
+            "errors_by_stage": stage_counts,
+            "accounted": plan.rows == embedded + errors,
+            "wall_seconds": round(wall, 3),
+            "job_seconds": round(job_seconds, 3),
+            "images_per_second": round(plan.rows / job_seconds, 2) if job_seconds else 0.0,
+            "stage_busy_seconds": {
+                k: round(totals.get(f"{k}_s", 0.0), 3) for k in ("decode", "encode", "write")
+            },
+            "per_stage_images_per_busy_second": {
+                k: round(plan.rows / totals[f"{k}_s"], 1) if totals.get(f"{k}_s") else None
+                for k in ("decode", "encode", "write")
+            },
+            "buckets": {
+                "groups": round(groups),
+                "encoder_batches": round(batches),
+                "groups_per_batch": round(groups / batches, 3) if batches else 0.0,
+                "mean_group_size": round(embedded / groups, 2) if groups else 0.0,
+            },
+            "device": stages.device if stages else "none (nothing to do)",
+            "resources": asdict(stages) if stages else None,
+            "model": checkpoint.name,
+            "family": family.name,
+            "weights": "random" if checkpoint.random_weights else "pretrained",
+            "input": plan.root.uri,
+            "output": output.uri,
+            "index": index_manifest
+            and {k: index_manifest.get(k) for k in ("factory", "count", "dim", "mode")},
+            "config": to_dict(config),
+        }
+        write_bytes_atomic(
+            output.join("_summary.json"), json.dumps(summary, indent=2, default=str).encode()
+        )
     if not summary["accounted"]:
         logger.error(
             "row accounting failed: %d in, %d embedded, %d errors", plan.rows, embedded, errors

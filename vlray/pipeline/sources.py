@@ -45,6 +45,8 @@ class ReadTask:
     paths: tuple[str, ...] = ()
     ids: tuple[str, ...] = ()
     duplicate_rows: tuple[int, ...] = ()
+    skip_rows: tuple[int, ...] = ()
+    """Rows already done by an earlier run: not emitted at all."""
 
 
 @dataclass
@@ -55,6 +57,9 @@ class InputPlan:
     kind: str
     tasks: list[ReadTask] = field(default_factory=list)
     rows: int = 0
+    """Rows this run will process (done rows excluded)."""
+    skipped: int = 0
+    """Input rows left out because their id is already in the output."""
 
 
 def _has_glob(path: str) -> bool:
@@ -85,16 +90,20 @@ def _expand(location: Location) -> tuple[Location, list[str]]:
     raise InputError(f"input {location.uri}: no such file or folder")
 
 
-def _find_duplicates(fs: Any, files: list[str], id_column: str) -> dict[str, list[int]]:
-    """Rows whose id already appeared earlier in the input: {file: [row, ...]}.
+def _scan_ids(fs: Any, files: list[str], rels: list[str], id_column: str | None) -> pa.Table:
+    """(id, file, row) of every input row: the id column, or the derived ``<rel>:<row>``.
 
-    Reads only the id column. Sort-based (Arrow), so it does not build a Python set of ids.
+    Reads only the id column (or nothing but the footer, for derived ids).
     """
     tables = []
     for i, path in enumerate(files):
         with fs.open_input_file(path) as f:
-            ids = pq.read_table(f, columns=[id_column]).column(0).cast(pa.string())
-        n = len(ids)
+            if id_column:
+                ids = pq.read_table(f, columns=[id_column]).column(0).cast(pa.string())
+                n = len(ids)
+            else:
+                n = pq.ParquetFile(f).metadata.num_rows
+                ids = pa.array([f"{rels[i]}:{r}" for r in range(n)], pa.string())
         tables.append(
             pa.table(
                 {
@@ -104,27 +113,36 @@ def _find_duplicates(fs: Any, files: list[str], id_column: str) -> dict[str, lis
                 }
             )
         )
-    if not tables:
-        return {}
-    table = pa.concat_tables(tables).sort_by(
-        [("id", "ascending"), ("file", "ascending"), ("row", "ascending")]
-    )
-    ids = table.column("id")
-    same = (
-        pc.equal(ids.slice(1), ids.slice(0, len(ids) - 1))
-        if len(ids) > 1
-        else pa.array([], pa.bool_())
-    )
-    mask = np.concatenate([[False], np.asarray(same.fill_null(False))])
-    dup = table.filter(pa.array(mask))
-    out: dict[str, list[int]] = {}
-    for f, r in zip(dup.column("file").to_pylist(), dup.column("row").to_pylist(), strict=True):
-        out.setdefault(files[f], []).append(r)
-    return out
+    return pa.concat_tables(tables)
 
 
-def plan_input(config: InputConfig, s3: S3Config | None = None) -> InputPlan:
-    """Lists the input and splits it into read tasks.
+def _duplicate_mask(table: pa.Table) -> np.ndarray:
+    """Rows whose (non-null) id already appeared earlier in the input (file, row order).
+
+    Sort-based (Arrow), so it does not build a Python set of ids.
+    """
+    n = table.num_rows
+    order = pc.sort_indices(
+        table, sort_keys=[("id", "ascending"), ("file", "ascending"), ("row", "ascending")]
+    )
+    ids = table.column("id").take(order)
+    mask = np.zeros(n, dtype=bool)
+    if n > 1:
+        same = pc.equal(ids.slice(1), ids.slice(0, n - 1)).fill_null(False)
+        sorted_dup = np.concatenate([[False], np.asarray(same)])
+        mask[np.asarray(order)[sorted_dup]] = True
+    return mask
+
+
+def plan_input(
+    config: InputConfig, s3: S3Config | None = None, done: np.ndarray | None = None
+) -> InputPlan:
+    """Lists the input and splits it into read tasks, leaving out rows whose id is done.
+
+    Args:
+        config: the input section.
+        s3: S3 settings.
+        done: sorted ``S16`` digests of ids already in the output (see ``vlray.pipeline.state``).
 
     Raises:
         InputError: missing input, nothing to read, or a missing image column.
@@ -134,17 +152,22 @@ def plan_input(config: InputConfig, s3: S3Config | None = None) -> InputPlan:
     parquet = [p for p in files if p.lower().endswith(".parquet")]
     images = [p for p in files if posixpath.splitext(p)[1].lower() in IMAGE_EXTENSIONS]
     if parquet:
-        return _plan_parquet(root, parquet, config)
+        return _plan_parquet(root, parquet, config, done)
     if images:
-        return _plan_folder(root, images)
+        return _plan_folder(root, images, done)
     raise InputError(
         f"input {config.uri}: no Parquet files or images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found"
     )
 
 
-def _plan_parquet(root: Location, files: list[str], config: InputConfig) -> InputPlan:
+def _plan_parquet(
+    root: Location, files: list[str], config: InputConfig, done: np.ndarray | None
+) -> InputPlan:
+    from vlray.pipeline.state import hash_ids, is_done
+
     plan = InputPlan(root=root, kind="parquet")
     has_ids: bool | None = None
+    metas = []
     for path in files:
         with root.fs.open_input_file(path) as f:
             meta = pq.ParquetFile(f).metadata
@@ -159,37 +182,73 @@ def _plan_parquet(root: Location, files: list[str], config: InputConfig) -> Inpu
             raise InputError(
                 f"{path}: the id column {config.id_column!r} is in some files but not others"
             )
-        rel = posixpath.relpath(path, root.path)
+        metas.append(meta)
+    rels = [posixpath.relpath(path, root.path) for path in files]
+    skip: dict[int, set[int]] = {}
+    duplicates: dict[int, set[int]] = {}
+    if has_ids or (done is not None and len(done)):
+        table = _scan_ids(root.fs, files, rels, config.id_column if has_ids else None)
+        file_col = np.asarray(table.column("file"))
+        row_col = np.asarray(table.column("row"))
+        done_mask = np.zeros(table.num_rows, dtype=bool)
+        if done is not None and len(done):
+            ids = table.column("id").to_pylist()
+            done_mask = is_done(hash_ids(i if i is not None else "" for i in ids), done)
+            done_mask &= np.asarray(table.column("id").is_valid())
+        for f, r in zip(file_col[done_mask], row_col[done_mask], strict=True):
+            skip.setdefault(int(f), set()).add(int(r))
+        plan.skipped = int(done_mask.sum())
+        if has_ids:
+            dup_mask = _duplicate_mask(table) & ~done_mask
+            for f, r in zip(file_col[dup_mask], row_col[dup_mask], strict=True):
+                duplicates.setdefault(int(f), set()).add(int(r))
+            if dup_mask.any():
+                logger.warning(
+                    "%d input rows repeat an earlier id; they become error rows",
+                    int(dup_mask.sum()),
+                )
+    for i, (path, meta) in enumerate(zip(files, metas, strict=True)):
         offset = 0
         for rg in range(meta.num_row_groups):
-            plan.tasks.append(
-                ReadTask(kind="parquet", file=path, rel=rel, row_group=rg, row_offset=offset)
-            )
-            offset += meta.row_group(rg).num_rows
-        plan.rows += meta.num_rows
-    if has_ids:
-        duplicates = _find_duplicates(root.fs, files, config.id_column)
-        if duplicates:
-            logger.warning(
-                "%d input rows repeat an earlier id; they become error rows",
-                sum(map(len, duplicates.values())),
-            )
-            plan.tasks = [_with_duplicates(t, duplicates.get(t.file, [])) for t in plan.tasks]
+            n = meta.row_group(rg).num_rows
+            rows = range(offset, offset + n)
+            skipped = tuple(r for r in rows if r in skip.get(i, ()))
+            if len(skipped) < n:
+                plan.tasks.append(
+                    ReadTask(
+                        kind="parquet",
+                        file=path,
+                        rel=rels[i],
+                        row_group=rg,
+                        row_offset=offset,
+                        duplicate_rows=tuple(r for r in rows if r in duplicates.get(i, ())),
+                        skip_rows=skipped,
+                    )
+                )
+            plan.rows += n - len(skipped)
+            offset += n
     return plan
 
 
-def _with_duplicates(task: ReadTask, rows: list[int]) -> ReadTask:
-    if not rows:
-        return task
-    return ReadTask(**{**task.__dict__, "duplicate_rows": tuple(rows)})
+def _plan_folder(root: Location, images: list[str], done: np.ndarray | None) -> InputPlan:
+    from vlray.pipeline.state import hash_ids, is_done
 
-
-def _plan_folder(root: Location, images: list[str]) -> InputPlan:
-    plan = InputPlan(root=root, kind="files", rows=len(images))
+    ids = [posixpath.relpath(p, root.path) for p in images]
+    plan = InputPlan(root=root, kind="files")
+    if done is not None and len(done):
+        keep = ~is_done(hash_ids(ids), done)
+        plan.skipped = int((~keep).sum())
+        images = [p for p, k in zip(images, keep, strict=True) if k]
+        ids = [i for i, k in zip(ids, keep, strict=True) if k]
+    plan.rows = len(images)
     for start in range(0, len(images), FILES_PER_TASK):
-        chunk = images[start : start + FILES_PER_TASK]
-        ids = tuple(posixpath.relpath(p, root.path) for p in chunk)
-        plan.tasks.append(ReadTask(kind="files", paths=tuple(chunk), ids=ids))
+        plan.tasks.append(
+            ReadTask(
+                kind="files",
+                paths=tuple(images[start : start + FILES_PER_TASK]),
+                ids=tuple(ids[start : start + FILES_PER_TASK]),
+            )
+        )
     return plan
 
 
@@ -255,6 +314,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
         columns = [config.image_column] + ([config.id_column] if config.id_column in names else [])
         row = task.row_offset
         duplicates = set(task.duplicate_rows)
+        skip = set(task.skip_rows)
         for batch in parquet.iter_batches(
             batch_size=config.rows_per_block, row_groups=[task.row_group], columns=columns
         ):
@@ -280,7 +340,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
                     )
                 elif blobs[i] is None and not uris[i]:
                     errors[i], stages[i] = "null image cell", "read"
-            yield pa.table(
+            table = pa.table(
                 {
                     "id": ids,
                     "source": [f"{source}#row={row + i}" for i in range(n)],
@@ -291,4 +351,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
                 },
                 schema=ROW_SCHEMA,
             )
+            if skip:
+                table = table.filter(pa.array([(row + i) not in skip for i in range(n)]))
+            yield table
             row += n

@@ -6,9 +6,10 @@ image never raises across a stage boundary and every input row reaches the write
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from vlray.ops.decode import DecodeError, decode_image, probe_image
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.sources import ReadTask, read_task_rows
 from vlray.schema import ERRORS_SCHEMA, embeddings_schema
-from vlray.storage import Location, locate, read_bytes, write_parquet_atomic
+from vlray.storage import Location, fetch_bytes, scrub, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -56,20 +57,33 @@ class DecodeStage:
         self.family = family_for(checkpoint)
         self.max_pixels = max_pixels
         self.s3 = s3
-        self._fs: dict[str, Any] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
-    def _fetch(self, uri: str) -> bytes:
-        location = locate(uri, self.s3)
-        return read_bytes(location)
+    def _fetch(self, uri: str) -> bytes | str:
+        """The bytes at ``uri`` (transient errors retried), or a one-line reason (no secrets)."""
+        try:
+            return fetch_bytes(uri, self.s3)
+        except FileNotFoundError:
+            return f"missing file or object: {scrub(uri, self.s3)}"
+        except PermissionError:
+            return f"access denied: {scrub(uri, self.s3)}"
+        except OSError as exc:
+            return f"cannot read: {scrub(one_line(exc), self.s3)}"
+
+    def _fetch_all(self, uris: list[str]) -> list[bytes | str]:
+        """Fetches a batch's URIs concurrently, at most ``s3.fetch_concurrency`` in flight."""
+        if len(uris) <= 1 or self.s3.fetch_concurrency <= 1:
+            return [self._fetch(u) for u in uris]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.s3.fetch_concurrency, "vlray-fetch")
+        return list(self._pool.map(self._fetch, uris))
 
     def _one(self, data: bytes | None, uri: str) -> tuple[int, int, int, int, bytes, str, str]:
         if data is None:
-            try:
-                data = self._fetch(uri)
-            except FileNotFoundError:
-                return 0, 0, 0, 0, b"", "missing file or object", "read"
-            except OSError as exc:
-                return 0, 0, 0, 0, b"", f"cannot read: {one_line(exc)}", "read"
+            fetched = self._fetch(uri)
+            if isinstance(fetched, str):
+                return 0, 0, 0, 0, b"", fetched, "read"
+            data = fetched
         try:
             width, height = probe_image(data, self.max_pixels)
             pixels = decode_image(data, max_pixels=self.max_pixels)
@@ -89,6 +103,12 @@ class DecodeStage:
         uris = batch.column("uri").to_pylist()
         errors = batch.column("error").to_pylist()
         stages = batch.column("stage").to_pylist()
+        todo = [i for i in range(n) if not errors[i] and data[i] is None]
+        for i, fetched in zip(todo, self._fetch_all([uris[i] for i in todo]), strict=True):
+            if isinstance(fetched, str):
+                errors[i], stages[i] = fetched, "read"
+            else:
+                data[i] = fetched
         cols: dict[str, list] = {k: [] for k in ("width", "height", "th", "tw", "pixels")}
         for i in range(n):
             if errors[i]:
@@ -201,7 +221,9 @@ class WriteStage:
         start = time.perf_counter()
         errors = batch["error"].astype(str)
         ok = errors == ""
-        name = f"part-{uuid.uuid4().hex}.parquet"
+        # Named by content: a write task that Ray retries rewrites the same file, never a twin.
+        digest = hashlib.blake2b("\n".join(batch["id"].astype(str)).encode(), digest_size=12)
+        name = f"part-{digest.hexdigest()}.parquet"
         n_ok = int(ok.sum())
         n_err = len(errors) - n_ok
         if n_ok:
@@ -245,4 +267,5 @@ class WriteStage:
             "encode_s": np.array([float(batch["encode_s"].sum())]),
             "write_s": np.array([time.perf_counter() - start]),
             "stage_counts": np.array([repr(stage_counts)]),
+            "file": np.array([name]),
         }
