@@ -91,9 +91,16 @@ def print_summary(summary: dict[str, Any], config: JobConfig) -> None:
         ),
         f"  model      {summary['model']} ({summary['family']}, {summary['weights']} weights) on {summary['device']}",
         f"  input      {summary['input']}",
-        f"  rows       {summary['rows_in']} in = {summary['embedded']} embedded + {summary['errors']} errors"
+        f"  rows       {summary['rows_in']} in = {summary['embedded'] or summary.get('segmented', 0)} "
+        f"{'embedded' if summary['embedded'] or not summary.get('segmented') else 'segmented'} + {summary['errors']} errors"
         + ("" if summary["accounted"] else "   <-- MISMATCH"),
     ]
+    if summary.get("skipped_done"):
+        lines.append(f"  skipped    {summary['skipped_done']} rows already done by earlier runs")
+    if summary.get("segmented") or summary.get("masks"):
+        lines.append(
+            f"  masks      {summary['masks']} masks over {summary['segmented']} images (see {out}/masks/)"
+        )
     if summary["errors"]:
         lines.append(f"  errors     by stage: {summary['errors_by_stage']}  (see {out}/errors/)")
     b = summary["buckets"]

@@ -75,6 +75,33 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class SamConfig:
+    """SAM masks: a second model in the same pass (``name``), or the main model when it is SAM."""
+
+    name: str = ""
+    """A SAM checkpoint beside an embedding model (one pass, two models); empty: no masks."""
+    weights: str = "pretrained"
+    arch: str = ""
+    processor: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    mode: str = "auto"
+    """``auto`` (prompted when a row has points or boxes, else automatic), ``automatic``, ``prompted``."""
+    points_column: str = "points"
+    labels_column: str = "labels"
+    boxes_column: str = "boxes"
+    multimask_output: bool = True
+    points_per_side: int = 32
+    points_per_batch: int = 64
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    stability_score_offset: float = 1.0
+    box_nms_thresh: float = 0.7
+    mask_threshold: float = 0.0
+    batch_size: int = 4
+    """Images per SAM actor batch (the image encoder runs once per same-shape group)."""
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Ray resources and batch sizes (all mapped to Ray in ``vlray.pipeline.resources``)."""
 
@@ -122,6 +149,7 @@ class JobConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
+    sam: SamConfig = field(default_factory=SamConfig)
     s3: S3Config = field(default_factory=S3Config)
     demo: bool = False
     """Run on bundled sample images with a random-weight model (no download)."""
@@ -248,6 +276,10 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"model.weights: {config.model.weights!r} is not 'pretrained' or 'random'")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
         problems.append(f"model.dtype: {config.model.dtype!r} is not auto/float32/bfloat16/float16")
+    if config.sam.mode not in ("auto", "automatic", "prompted"):
+        problems.append(f"sam.mode: {config.sam.mode!r} is not auto/automatic/prompted")
+    if config.sam.weights not in ("pretrained", "random"):
+        problems.append(f"sam.weights: {config.sam.weights!r} is not 'pretrained' or 'random'")
     if config.output.dtype not in ("float32", "float16"):
         problems.append(f"output.dtype: {config.output.dtype!r} is not float32 or float16")
     for section, name in (

@@ -14,6 +14,7 @@ ROW_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("error", pa.string()),
         ("stage", pa.string()),
+        ("prompts", pa.string()),
     ]
 )
 """Rows between the read and decode stages: bytes in ``data`` or a URI to fetch in ``uri``."""
@@ -39,3 +40,22 @@ def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
 def empty_rows() -> pa.Table:
     """A zero-row table in ``ROW_SCHEMA``."""
     return ROW_SCHEMA.empty_table()
+
+
+MASKS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("mask_id", pa.int32()),
+        (
+            "segmentation",
+            pa.struct([("size", pa.list_(pa.int32())), ("counts", pa.string())]),
+        ),
+        ("bbox", pa.list_(pa.float32())),
+        ("area", pa.int64()),
+        ("predicted_iou", pa.float32()),
+        ("stability_score", pa.float32()),
+        ("point", pa.list_(pa.float32())),
+        ("prompt_index", pa.int32()),
+    ]
+)
+"""``masks/*.parquet``: one row per mask, COCO RLE; ``point`` (automatic) or ``prompt_index``."""

@@ -18,7 +18,7 @@ from vlray.config import JobConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
-from vlray.pipeline.stages import DecodeStage, EncodeStage, ReadStage, WriteStage
+from vlray.pipeline.stages import DecodeStage, EncodeStage, MaskStage, ReadStage, WriteStage
 from vlray.storage import (
     Location,
     list_files,
@@ -54,12 +54,17 @@ def _embedding_dim(checkpoint: Checkpoint) -> int:
 def build_dataset(
     config: JobConfig,
     plan: InputPlan,
-    checkpoint: Checkpoint,
+    checkpoint: Checkpoint | None,
     output: Location,
     stages: StagePlan,
     dim: int,
+    sam_checkpoint: Checkpoint | None = None,
 ) -> Any:
-    """The Ray Data graph: read tasks -> decode actors -> encode actors -> write tasks."""
+    """The Ray Data graph: read tasks -> decode actors -> encode actors -> [SAM actors] -> write.
+
+    ``checkpoint`` is the embedding model (None for masks only); ``sam_checkpoint`` adds masks in
+    the same pass: each image is read and decoded once and resized for each model.
+    """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -67,7 +72,7 @@ def build_dataset(
     items = [{"task": asdict(t)} for t in plan.tasks]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     ds = ds.map_batches(
-        ReadStage(plan.root, config.input),
+        ReadStage(plan.root, config.input, _prompt_columns(config) if sam_checkpoint else ()),
         batch_size=1,
         batch_format="numpy",
         **task_stage(stages.io_cpus),
@@ -78,13 +83,44 @@ def build_dataset(
             "checkpoint": checkpoint,
             "max_pixels": config.input.max_pixels,
             "s3": config.s3,
+            "sam_checkpoint": sam_checkpoint,
         },
         batch_size=config.compute.decode_batch_size,
         batch_format="pyarrow",
         zero_copy_batch=True,
         **actor_stage(stages.decode_actors, stages.decode_cpus),
     )
+    if checkpoint is not None:
+        ds = _encode(ds, config, checkpoint, stages)
+    if sam_checkpoint is not None:
+        ds = ds.map_batches(
+            MaskStage,
+            fn_constructor_kwargs={
+                "checkpoint": sam_checkpoint,
+                "device": stages.device,
+                "dtype": config.model.dtype,
+                "settings": config.sam,
+                "threads": stages.encode_threads,
+            },
+            batch_size=config.sam.batch_size,
+            batch_format="numpy",
+            **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
+        )
     ds = ds.map_batches(
+        WriteStage(output, dim, config.output.dtype),
+        batch_size=config.output.rows_per_file,
+        batch_format="numpy",
+        **task_stage(stages.io_cpus),
+    )
+    return ds
+
+
+def _prompt_columns(config: JobConfig) -> tuple[str, ...]:
+    return (config.sam.points_column, config.sam.labels_column, config.sam.boxes_column)
+
+
+def _encode(ds: Any, config: JobConfig, checkpoint: Checkpoint, stages: StagePlan) -> Any:
+    return ds.map_batches(
         EncodeStage,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
@@ -97,13 +133,6 @@ def build_dataset(
         batch_format="numpy",
         **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
     )
-    ds = ds.map_batches(
-        WriteStage(output, dim, config.output.dtype),
-        batch_size=config.output.rows_per_file,
-        batch_format="numpy",
-        **task_stage(stages.io_cpus),
-    )
-    return ds
 
 
 def iter_embeddings(output: Location, batch_rows: int = 65536) -> Any:
@@ -258,6 +287,17 @@ def build_output_index(
     return {**result, "mode": mode}
 
 
+def resolve_sam(config: JobConfig) -> Checkpoint:
+    """The SAM checkpoint of ``sam`` (a second model in the same pass)."""
+    random_arch = config.sam.weights == "random" and config.sam.arch
+    return resolve_checkpoint(
+        config.sam.arch if random_arch else config.sam.name,
+        weights=config.sam.weights,
+        processor_overrides=config.sam.processor,
+        seed=config.sam.seed,
+    )
+
+
 def resolve_model(config: JobConfig) -> Checkpoint:
     """The checkpoint of ``model``: with random weights and an ``arch``, the architecture preset."""
     random_arch = config.model.weights == "random" and config.model.arch
@@ -269,7 +309,19 @@ def resolve_model(config: JobConfig) -> Checkpoint:
     )
 
 
-STAT_KEYS = ("rows", "embedded", "errors", "groups", "batches", "decode_s", "encode_s", "write_s")
+STAT_KEYS = (
+    "rows",
+    "embedded",
+    "segmented",
+    "masks",
+    "errors",
+    "groups",
+    "batches",
+    "decode_s",
+    "encode_s",
+    "mask_s",
+    "write_s",
+)
 
 
 def _drop_retried_errors(output: Location, old_error_files: list[str], new_files: list[str]) -> int:
@@ -279,7 +331,7 @@ def _drop_retried_errors(output: Location, old_error_files: list[str], new_files
     if not old_error_files or not new_files:
         return 0
     fresh = []
-    for folder in ("embeddings", "errors"):
+    for folder in ("embeddings", "segmented", "errors"):
         for name in new_files:
             location = output.join(folder, name)
             try:
@@ -337,20 +389,23 @@ def run_job(config: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     _check_storage(config)
-    checkpoint = resolve_model(config)
+    checkpoint: Checkpoint | None = resolve_model(config)
     family = family_for(checkpoint)
-    if not family.produces_embeddings:
-        raise CheckpointError(
-            f"{checkpoint.name} is a {family.name} model: it makes masks, not embeddings; "
-            "the mask job is not wired into jobs/embed.py yet"
-        )
-    dim = _embedding_dim(checkpoint)
+    sam_checkpoint = None
+    if not family.produces_embeddings:  # the main model is SAM: masks only
+        sam_checkpoint, checkpoint = checkpoint, None
+    elif config.sam.name:
+        sam_checkpoint = resolve_sam(config)
+        if family_for(sam_checkpoint).produces_embeddings:
+            raise CheckpointError(f"sam.name {config.sam.name!r} is not a SAM checkpoint")
+    dim = _embedding_dim(checkpoint) if checkpoint else 0
+    done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)
     with RunLock(output):
         removed = remove_stale_temp_files(output)
         if removed:
             logger.warning("removed %d partial files left by an interrupted run", removed)
-        done = done_ids(output, include_errors=not config.retry_errors)
+        done = done_ids(output, include_errors=not config.retry_errors, folder=done_folder)
         old_error_files = (
             list_files(output.join("errors"), (".parquet",)) if config.retry_errors else []
         )
@@ -367,8 +422,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         stages = None
         if plan.tasks:
             ensure_ray(config)
-            stages = plan_resources(config.compute, ray.cluster_resources())
-            ds = build_dataset(config, plan, checkpoint, output, stages, dim)
+            models = (checkpoint is not None) + (sam_checkpoint is not None)
+            stages = plan_resources(config.compute, ray.cluster_resources(), models)
+            ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for key in STAT_KEYS:
                     totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
@@ -381,8 +437,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             _drop_retried_errors(output, old_error_files, new_files) if config.retry_errors else 0
         )
         embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
+        segmented = int(totals.get("segmented", 0))
         index_manifest: dict[str, Any] | None = None
-        if config.index.enabled:
+        if config.index.enabled and checkpoint is not None:
             index_manifest = build_output_index(
                 config, checkpoint, family.name, output, dim, embedded
             )
@@ -391,21 +448,23 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         summary = {
             "rows_in": plan.rows,
             "embedded": embedded,
-            "masks": 0,
+            "segmented": segmented,
+            "masks": int(totals.get("masks", 0)),
             "errors": errors,
             "skipped_done": plan.skipped,
             "errors_retried_and_removed": retried,
             "errors_by_stage": stage_counts,
-            "accounted": plan.rows == embedded + errors,
+            "accounted": plan.rows == (embedded if checkpoint else segmented) + errors,
             "wall_seconds": round(wall, 3),
             "job_seconds": round(job_seconds, 3),
             "images_per_second": round(plan.rows / job_seconds, 2) if job_seconds else 0.0,
             "stage_busy_seconds": {
-                k: round(totals.get(f"{k}_s", 0.0), 3) for k in ("decode", "encode", "write")
+                k: round(totals.get(f"{k}_s", 0.0), 3)
+                for k in ("decode", "encode", "mask", "write")
             },
             "per_stage_images_per_busy_second": {
                 k: round(plan.rows / totals[f"{k}_s"], 1) if totals.get(f"{k}_s") else None
-                for k in ("decode", "encode", "write")
+                for k in ("decode", "encode", "mask", "write")
             },
             "buckets": {
                 "groups": round(groups),
@@ -415,9 +474,10 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             },
             "device": stages.device if stages else "none (nothing to do)",
             "resources": asdict(stages) if stages else None,
-            "model": checkpoint.name,
+            "model": (checkpoint or sam_checkpoint).name,
             "family": family.name,
-            "weights": "random" if checkpoint.random_weights else "pretrained",
+            "weights": "random" if (checkpoint or sam_checkpoint).random_weights else "pretrained",
+            "sam_model": sam_checkpoint.name if sam_checkpoint and checkpoint else None,
             "input": plan.root.uri,
             "output": output.uri,
             "index": index_manifest

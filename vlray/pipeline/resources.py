@@ -26,7 +26,7 @@ class StagePlan:
     io_cpus: float = 0.1
 
 
-def plan_resources(compute: ComputeConfig, cluster: dict[str, float]) -> StagePlan:
+def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: int = 1) -> StagePlan:
     """Splits the cluster between decode and encode actors.
 
     CPU-only: each encoder reserves one CPU and runs torch with that many threads; decode actors
@@ -38,12 +38,14 @@ def plan_resources(compute: ComputeConfig, cluster: dict[str, float]) -> StagePl
     gpus = float(cluster.get("GPU", 0.0))
     use_gpu = compute.num_gpus > 0 or (compute.num_gpus < 0 and gpus >= 1)
     encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if use_gpu else 0.0
+    if use_gpu and models > 1 and compute.num_gpus <= 0:
+        encode_gpus /= models  # both models' actors share each GPU
     encode_actors = compute.encode_actors
     if use_gpu and gpus:
         encode_actors = max(1, min(encode_actors, int(gpus // encode_gpus)))
     encode_cpus = 1.0 if use_gpu else min(1.0, max(0.25, cpus / 4))
     io_cpus = 0.1
-    left = max(cpus - encode_actors * encode_cpus - 2 * io_cpus, 0.25)
+    left = max(cpus - models * encode_actors * encode_cpus - 2 * io_cpus, 0.25)
     decode_actors = compute.decode_actors or max(1, math.floor(left + 0.5))
     decode_cpus = max(min(left / decode_actors, 1.0), 0.05)
     threads = compute.torch_threads or max(1, int(round(encode_cpus))) if not use_gpu else 2

@@ -8,6 +8,7 @@ over the cluster and never arrives as one giant block.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import posixpath
 from collections.abc import Iterator
@@ -282,7 +283,23 @@ def _image_cells(column: pa.ChunkedArray, base_dir: str, prefix: str) -> tuple[l
     return blobs, uris
 
 
-def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Iterator[pa.Table]:
+def _prompts_json(batch: pa.RecordBatch, columns: tuple[str, ...], n: int) -> list[str]:
+    """Per row, the SAM prompt cells as JSON ({"points", "labels", "boxes"}), or ''."""
+    present = [c for c in columns if c in batch.schema.names]
+    if not present:
+        return [""] * n
+    keys = dict(zip(columns, ("points", "labels", "boxes"), strict=False))
+    values = {keys[c]: batch.column(c).to_pylist() for c in present}
+    out = []
+    for i in range(n):
+        row = {k: v[i] for k, v in values.items() if v[i] is not None}
+        out.append(json.dumps(row) if row else "")
+    return out
+
+
+def read_task_rows(
+    task: ReadTask, root: Location, config: InputConfig, prompt_columns: tuple[str, ...] = ()
+) -> Iterator[pa.Table]:
     """Yields the rows of one read task in blocks of ``config.rows_per_block``.
 
     Rows follow ``ROW_SCHEMA`` (id, source, data, uri, error, stage); a null image cell, a
@@ -302,6 +319,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
                     "uri": [scheme + p for p in paths],
                     "error": [""] * len(paths),
                     "stage": [""] * len(paths),
+                    "prompts": [""] * len(paths),
                 },
                 schema=ROW_SCHEMA,
             )
@@ -312,6 +330,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
         parquet = pq.ParquetFile(f)
         names = parquet.schema_arrow.names
         columns = [config.image_column] + ([config.id_column] if config.id_column in names else [])
+        columns += [c for c in prompt_columns if c in names]
         row = task.row_offset
         duplicates = set(task.duplicate_rows)
         skip = set(task.skip_rows)
@@ -348,6 +367,7 @@ def read_task_rows(task: ReadTask, root: Location, config: InputConfig) -> Itera
                     "uri": uris,
                     "error": errors,
                     "stage": stages,
+                    "prompts": _prompts_json(batch, prompt_columns, n),
                 },
                 schema=ROW_SCHEMA,
             )

@@ -7,6 +7,7 @@ image never raises across a stage boundary and every input row reaches the write
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,12 +17,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vlray.config import InputConfig, S3Config
+from vlray.config import InputConfig, S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
 from vlray.ops.decode import DecodeError, decode_image, probe_image
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.sources import ReadTask, read_task_rows
-from vlray.schema import ERRORS_SCHEMA, embeddings_schema
+from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, embeddings_schema
 from vlray.storage import Location, fetch_bytes, scrub, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
@@ -36,25 +37,41 @@ def one_line(exc: BaseException) -> str:
 class ReadStage:
     """Read tasks (one Parquet row group or a chunk of files) -> rows in ``ROW_SCHEMA``."""
 
-    def __init__(self, root: Location, config: InputConfig) -> None:
-        self.root, self.config = root, config
+    def __init__(
+        self, root: Location, config: InputConfig, prompt_columns: tuple[str, ...] = ()
+    ) -> None:
+        self.root, self.config, self.prompt_columns = root, config, prompt_columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         for task in batch["task"]:
-            yield from read_task_rows(
-                task if isinstance(task, ReadTask) else ReadTask(**task), self.root, self.config
-            )
+            task = task if isinstance(task, ReadTask) else ReadTask(**task)
+            yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
+
+
+HEADS = ("", "sam_")
+"""Column prefixes of the resized images: the embedding model's, and SAM's (one pass, two models)."""
 
 
 class DecodeStage:
-    """Fetch, probe, decode and uint8-resize each image to its family's target shape.
+    """Fetch, probe and decode each image once; uint8-resize it to each model's target shape.
 
-    Output rows are sorted by target shape so encoder batches split into few same-shape groups.
+    Output rows are sorted by the embedding model's target shape, so encoder batches split into
+    few same-shape groups. Per model (prefix ``""`` or ``"sam_"``): ``th``, ``tw``, ``pixels``.
     """
 
-    def __init__(self, checkpoint: Checkpoint, max_pixels: int, s3: S3Config) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint | None,
+        max_pixels: int,
+        s3: S3Config,
+        sam_checkpoint: Checkpoint | None = None,
+    ) -> None:
         torch.set_num_threads(1)
-        self.family = family_for(checkpoint)
+        self.families = [
+            (prefix, family_for(c))
+            for prefix, c in zip(HEADS, (checkpoint, sam_checkpoint), strict=True)
+            if c is not None
+        ]
         self.max_pixels = max_pixels
         self.s3 = s3
         self._pool: ThreadPoolExecutor | None = None
@@ -78,23 +95,22 @@ class DecodeStage:
             self._pool = ThreadPoolExecutor(self.s3.fetch_concurrency, "vlray-fetch")
         return list(self._pool.map(self._fetch, uris))
 
-    def _one(self, data: bytes | None, uri: str) -> tuple[int, int, int, int, bytes, str, str]:
-        if data is None:
-            fetched = self._fetch(uri)
-            if isinstance(fetched, str):
-                return 0, 0, 0, 0, b"", fetched, "read"
-            data = fetched
+    def _one(self, data: bytes, row: dict[str, Any]) -> tuple[str, str]:
+        """Decodes ``data`` into ``row``; returns (error, stage), empty when fine."""
         try:
-            width, height = probe_image(data, self.max_pixels)
+            row["width"], row["height"] = probe_image(data, self.max_pixels)
             pixels = decode_image(data, max_pixels=self.max_pixels)
         except DecodeError as exc:
-            return 0, 0, 0, 0, b"", one_line(exc), "decode"
-        try:
-            th, tw = self.family.target_size(height, width)
-            resized = resize_uint8(pixels, (th, tw), self.family.interpolation)
-        except (UnsupportedImage, ValueError, RuntimeError) as exc:
-            return width, height, 0, 0, b"", one_line(exc), "preprocess"
-        return width, height, th, tw, resized.tobytes(), "", ""
+            return one_line(exc), "decode"
+        for prefix, family in self.families:
+            try:
+                th, tw = family.target_size(row["height"], row["width"])
+                resized = resize_uint8(pixels, (th, tw), family.interpolation)
+            except (UnsupportedImage, ValueError, RuntimeError) as exc:
+                return one_line(exc), "preprocess"
+            row[f"{prefix}th"], row[f"{prefix}tw"] = th, tw
+            row[f"{prefix}pixels"] = resized.tobytes()
+        return "", ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
@@ -109,32 +125,31 @@ class DecodeStage:
                 errors[i], stages[i] = fetched, "read"
             else:
                 data[i] = fetched
-        cols: dict[str, list] = {k: [] for k in ("width", "height", "th", "tw", "pixels")}
+        keys = ["width", "height"] + [
+            f"{p}{k}" for p, _ in self.families for k in ("th", "tw", "pixels")
+        ]
+        cols: dict[str, list] = {k: [] for k in keys}
         for i in range(n):
+            row: dict[str, Any] = {}
+            if not errors[i]:
+                errors[i], stages[i] = self._one(data[i], row)
             if errors[i]:
-                result = (0, 0, 0, 0, b"", errors[i], stages[i])
-            else:
-                result = self._one(data[i], uris[i])
-            for key, value in zip(
-                ("width", "height", "th", "tw", "pixels"), result[:5], strict=True
-            ):
-                cols[key].append(value)
-            errors[i], stages[i] = result[5], result[6]
-        out = pa.table(
-            {
-                "id": batch.column("id"),
-                "source": batch.column("source"),
-                "width": pa.array(cols["width"], pa.int32()),
-                "height": pa.array(cols["height"], pa.int32()),
-                "th": pa.array(cols["th"], pa.int32()),
-                "tw": pa.array(cols["tw"], pa.int32()),
-                "pixels": pa.array(cols["pixels"], pa.binary()),
-                "error": pa.array(errors, pa.string()),
-                "stage": pa.array(stages, pa.string()),
-                "decode_s": pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1))),
-            }
-        )
-        return out.sort_by([("th", "ascending"), ("tw", "ascending")])
+                row = {"width": row.get("width", 0), "height": row.get("height", 0)}
+            for key in keys:
+                cols[key].append(row.get(key, b"" if key.endswith("pixels") else 0))
+        table = {
+            "id": batch.column("id"),
+            "source": batch.column("source"),
+            "error": pa.array(errors, pa.string()),
+            "stage": pa.array(stages, pa.string()),
+            "prompts": batch.column("prompts"),
+            "decode_s": pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1))),
+        }
+        for key in keys:
+            typ = pa.binary() if key.endswith("pixels") else pa.int32()
+            table[key] = pa.array(cols[key], typ)
+        prefix = self.families[0][0]
+        return pa.table(table).sort_by([(f"{prefix}th", "ascending"), (f"{prefix}tw", "ascending")])
 
 
 class EncodeStage:
@@ -188,19 +203,154 @@ class EncodeStage:
                     raise
                 except Exception as exc:
                     errors[group], stages[group] = one_line(exc), "encode"
-        return {
-            "id": batch["id"],
-            "source": batch["source"],
-            "width": batch["width"],
-            "height": batch["height"],
-            "embedding": embeddings,
-            "error": errors.astype(str),
-            "stage": stages.astype(str),
-            "group_size": group_size,
-            "batch_rows": np.full(n, n, dtype=np.int32),
-            "decode_s": batch["decode_s"],
-            "encode_s": np.full(n, (time.perf_counter() - start) / max(n, 1)),
-        }
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "th", "tw")}
+        out.update(
+            embedding=embeddings,
+            error=errors.astype(str),
+            stage=stages.astype(str),
+            group_size=group_size,
+            batch_rows=np.full(n, n, dtype=np.int32),
+            encode_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
+        )
+        return out
+
+
+def _prompt_tensors(
+    prompts: dict[str, Any],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Prompt cells (original pixels) -> (1, N, P, 2) points, (1, N, P) labels, (1, N, 4) boxes."""
+    points = labels = boxes = None
+    if prompts.get("points"):
+        points = torch.tensor(prompts["points"], dtype=torch.float64)
+        if points.dim() != 3 or points.shape[-1] != 2:
+            raise ValueError(
+                f"points must be objects x points x [x, y], got shape {list(points.shape)}"
+            )
+        points = points[None]
+        if prompts.get("labels"):
+            labels = torch.tensor(prompts["labels"], dtype=torch.int64)[None]
+            if labels.shape != points.shape[:-1]:
+                raise ValueError(
+                    f"labels shape {list(labels.shape[1:])} does not match points {list(points.shape[1:-1])}"
+                )
+    if prompts.get("boxes"):
+        boxes = torch.tensor(prompts["boxes"], dtype=torch.float64)
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(
+                f"boxes must be objects x [x1, y1, x2, y2], got shape {list(boxes.shape)}"
+            )
+        boxes = boxes[None]
+    return points, labels, boxes
+
+
+class MaskStage:
+    """SAM masks: image embeddings once per image (batched per same-shape group), then every
+    prompt of the row (prompted) or a point grid (automatic) through the mask decoder.
+
+    Adds ``masks`` (JSON list of mask records per row) and ``mask_count``.
+    """
+
+    def __init__(
+        self, checkpoint: Checkpoint, device: str, dtype: str, settings: SamConfig, threads: int
+    ) -> None:
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.family = family_for(checkpoint)
+        self.device = torch.device(device)
+        self.generator = self.family.load_mask_generator(
+            self.device, resolve_dtype(dtype, self.device)
+        )
+        self.settings = settings
+
+    def _masks(
+        self,
+        embedding: torch.Tensor,
+        prompts: str,
+        original: tuple[int, int],
+        reshaped: tuple[int, int],
+    ) -> list[dict[str, Any]]:
+        cfg = self.settings
+        cells = json.loads(prompts) if prompts else {}
+        has_prompts = bool(cells.get("points") or cells.get("boxes"))
+        if cfg.mode == "prompted" and not has_prompts:
+            raise ValueError("no points or boxes in this row (sam.mode is prompted)")
+        if has_prompts and cfg.mode != "automatic":
+            points, labels, boxes = _prompt_tensors(cells)
+            points, labels, boxes = self.family.scale_prompts(points, labels, boxes, original)
+            return self.generator.prompted(
+                embedding,
+                None if points is None else points[0].float(),
+                None if labels is None else labels[0],
+                None if boxes is None else boxes[0].float(),
+                original_size=original,
+                reshaped_input_size=reshaped,
+                multimask_output=cfg.multimask_output,
+                mask_threshold=cfg.mask_threshold,
+                stability_score_offset=cfg.stability_score_offset,
+                prompts_per_batch=cfg.points_per_batch,
+            )
+        return self.generator.automatic(
+            embedding,
+            original,
+            reshaped,
+            points_per_side=cfg.points_per_side,
+            points_per_batch=cfg.points_per_batch,
+            pred_iou_thresh=cfg.pred_iou_thresh,
+            stability_score_thresh=cfg.stability_score_thresh,
+            stability_score_offset=cfg.stability_score_offset,
+            box_nms_thresh=cfg.box_nms_thresh,
+            mask_threshold=cfg.mask_threshold,
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        n = len(batch["id"])
+        errors = batch["error"].astype(object)
+        stages = batch["stage"].astype(object)
+        masks = np.full(n, "", dtype=object)
+        counts = np.zeros(n, dtype=np.int32)
+        ok = np.flatnonzero(errors == "")
+        keys = batch["sam_th"][ok].astype(np.int64) * 1_000_000 + batch["sam_tw"][ok]
+        for key in np.unique(keys):
+            rows = ok[keys == key]
+            th, tw = divmod(int(key), 1_000_000)
+            for s in range(0, len(rows), self.settings.batch_size):
+                group = rows[s : s + self.settings.batch_size]
+                try:
+                    pixels = np.stack(
+                        [
+                            np.frombuffer(batch["sam_pixels"][i], np.uint8).reshape(th, tw, 3)
+                            for i in group
+                        ]
+                    )
+                    inputs = self.family.preprocess(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+                    embeddings = self.generator.image_embeddings(inputs["pixel_values"])
+                except Exception as exc:  # a bad group must not lose the batch
+                    errors[group], stages[group] = one_line(exc), "encode"
+                    continue
+                for j, i in enumerate(group):
+                    original = (int(batch["height"][i]), int(batch["width"][i]))
+                    try:
+                        records = self._masks(
+                            embeddings[j], str(batch["prompts"][i]), original, (th, tw)
+                        )
+                    except (ValueError, RuntimeError, TypeError) as exc:
+                        errors[i], stages[i] = (
+                            one_line(exc),
+                            "preprocess" if isinstance(exc, (ValueError, TypeError)) else "encode",
+                        )
+                        continue
+                    masks[i] = json.dumps(records)
+                    counts[i] = len(records)
+        out = {k: v for k, v in batch.items() if k not in ("sam_pixels", "sam_th", "sam_tw")}
+        out.update(
+            masks=masks.astype(str),
+            mask_count=counts,
+            error=errors.astype(str),
+            stage=stages.astype(str),
+            mask_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
+        )
+        return out
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -210,12 +360,33 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
+    """Per-row JSON lists of mask records -> one ``MASKS_SCHEMA`` row per mask."""
+    cols: dict[str, list] = {name: [] for name in MASKS_SCHEMA.names}
+    for row_id, text in zip(ids, masks, strict=True):
+        for rec in json.loads(text) if text else []:
+            cols["id"].append(str(row_id))
+            cols["mask_id"].append(rec["mask_id"])
+            cols["segmentation"].append(rec["segmentation"])
+            cols["bbox"].append(rec["bbox"])
+            cols["area"].append(rec["area"])
+            cols["predicted_iou"].append(rec["predicted_iou"])
+            cols["stability_score"].append(rec["stability_score"])
+            cols["point"].append(rec.get("point"))
+            cols["prompt_index"].append(rec.get("prompt_index"))
+    return pa.table(cols, schema=MASKS_SCHEMA)
+
+
 class WriteStage:
-    """Writes one embeddings file and one errors file per batch (atomically), returns counts."""
+    """Writes the batch's masks, embeddings and errors files (each atomically), returns counts.
+
+    Masks go first: a row counts as done once it is in ``embeddings/`` or ``errors/``, so a crash
+    between the files re-does the row rather than losing its masks.
+    """
 
     def __init__(self, output: Location, dim: int, dtype: str) -> None:
         self.output, self.dim, self.dtype = output, dim, dtype
-        self.schema = embeddings_schema(dim, dtype)
+        self.schema = embeddings_schema(dim, dtype) if dim else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -226,7 +397,21 @@ class WriteStage:
         name = f"part-{digest.hexdigest()}.parquet"
         n_ok = int(ok.sum())
         n_err = len(errors) - n_ok
-        if n_ok:
+        n_masks = 0
+        if "masks" in batch and n_ok:
+            table = masks_table(batch["id"][ok], batch["masks"][ok])
+            n_masks = table.num_rows
+            if n_masks:
+                write_parquet_atomic(self.output.join("masks", name), table)
+            if self.schema is None:  # SAM alone: a row with no mask is still done
+                done = pa.table(
+                    {
+                        "id": pa.array(batch["id"][ok].astype(str), pa.string()),
+                        "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
+                    }
+                )
+                write_parquet_atomic(self.output.join("segmented", name), done)
+        if n_ok and self.schema is not None:
             emb = np.asarray(
                 batch["embedding"][ok], dtype=np.float16 if self.dtype == "float16" else np.float32
             )
@@ -252,19 +437,26 @@ class WriteStage:
                 schema=ERRORS_SCHEMA,
             )
             write_parquet_atomic(self.output.join("errors", name), table)
-        gs = batch["group_size"][ok].astype(np.float64)
         stage_counts = {
             s: int((batch["stage"][~ok].astype(str) == s).sum())
             for s in ("read", "decode", "preprocess", "encode")
         }
+        groups = batches = 0.0
+        if "group_size" in batch:
+            gs = batch["group_size"][ok].astype(np.float64)
+            groups = float((1.0 / gs).sum()) if n_ok else 0.0
+            batches = float((1.0 / batch["batch_rows"].astype(np.float64)).sum())
         return {
             "rows": np.array([len(errors)]),
-            "embedded": np.array([n_ok]),
+            "embedded": np.array([n_ok if self.schema is not None else 0]),
+            "segmented": np.array([n_ok if "masks" in batch else 0]),
+            "masks": np.array([n_masks]),
             "errors": np.array([n_err]),
-            "groups": np.array([float((1.0 / gs).sum()) if n_ok else 0.0]),
-            "batches": np.array([float((1.0 / batch["batch_rows"].astype(np.float64)).sum())]),
+            "groups": np.array([groups]),
+            "batches": np.array([batches]),
             "decode_s": np.array([float(batch["decode_s"].sum())]),
-            "encode_s": np.array([float(batch["encode_s"].sum())]),
+            "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
+            "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
             "write_s": np.array([time.perf_counter() - start]),
             "stage_counts": np.array([repr(stage_counts)]),
             "file": np.array([name]),

@@ -48,9 +48,9 @@ def read_ids(output: Location, folder: str) -> Iterable[list[str]]:
             yield pq.read_table(f, columns=["id"]).column("id").to_pylist()
 
 
-def done_ids(output: Location, include_errors: bool) -> np.ndarray:
-    """Sorted, unique ``S16`` digests of the ids in ``embeddings/`` (and ``errors/``)."""
-    parts = [hash_ids(ids) for ids in read_ids(output, "embeddings")]
+def done_ids(output: Location, include_errors: bool, folder: str = "embeddings") -> np.ndarray:
+    """Sorted, unique ``S16`` digests of the ids in ``folder`` (and ``errors/``)."""
+    parts = [hash_ids(ids) for ids in read_ids(output, folder)]
     if include_errors:
         parts += [hash_ids(ids) for ids in read_ids(output, "errors")]
     if not parts:

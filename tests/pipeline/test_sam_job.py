@@ -1,0 +1,206 @@
+"""SAM in the job: masks alone, and one pass with an embedding model (decode once, two models)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from vlray.config import build_config
+from vlray.families import resolve_checkpoint
+from vlray.ops.decode import decode_image
+from vlray.ops.rle import rle_to_mask
+from vlray.pipeline.job import run_job
+from vlray.schema import MASKS_SCHEMA
+from vlray.testing.checkpoints import save_tiny_sam
+from vlray.testing.images import bad_images, sample_photos
+
+pytestmark = pytest.mark.slow
+
+SAM_FAST = {
+    "points_per_side": 4,
+    "points_per_batch": 16,
+    "pred_iou_thresh": 0.0,
+    "stability_score_thresh": 0.0,
+    "box_nms_thresh": 0.999,
+}
+
+
+@pytest.fixture(scope="module")
+def sam_checkpoint(tmp_path_factory):
+    return save_tiny_sam(tmp_path_factory.mktemp("ckpt") / "tiny-sam")
+
+
+def _photos():
+    out = []
+    for name, blob in sample_photos(12, seed=3):
+        image = decode_image(blob, max_pixels=10**9)
+        if 200 <= max(image.shape[:2]) <= 800:
+            out.append((name, blob, image))
+    return out[:3]
+
+
+def _prompted_input(path, photos):
+    """Row 0: points + labels (2 objects); row 1: boxes (2 objects); row 2: no prompts; bad row."""
+    (_, b0, i0), (_, b1, i1), (_, b2, _) = photos
+    h0, w0 = i0.shape[:2]
+    h1, w1 = i1.shape[:2]
+    table = pa.table(
+        {
+            "id": ["points", "boxes", "auto", "broken"],
+            "image": pa.array([b0, b1, b2, bad_images()["truncated.jpg"]], pa.binary()),
+            "points": pa.array(
+                [
+                    [
+                        [[w0 * 0.3, h0 * 0.4], [w0 * 0.6, h0 * 0.5]],
+                        [[w0 * 0.8, h0 * 0.2], [w0 * 0.1, h0 * 0.9]],
+                    ],
+                    None,
+                    None,
+                    None,
+                ],
+                pa.list_(pa.list_(pa.list_(pa.float32()))),
+            ),
+            "labels": pa.array(
+                [[[1, 0], [1, 1]], None, None, None], pa.list_(pa.list_(pa.int64()))
+            ),
+            "boxes": pa.array(
+                [
+                    None,
+                    [[w1 * 0.1, h1 * 0.1, w1 * 0.6, h1 * 0.7], [0.0, 0.0, w1 - 1.0, h1 - 1.0]],
+                    None,
+                    None,
+                ],
+                pa.list_(pa.list_(pa.float32())),
+            ),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_one_pass_embeddings_and_masks(siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path):
+    from transformers import SamImageProcessor, SamModel, SamProcessor
+
+    photos = _photos()
+    _prompted_input(tmp_path / "in.parquet", photos)
+    out = tmp_path / "out"
+    config = build_config(
+        None,
+        {
+            "input": {"uri": str(tmp_path / "in.parquet")},
+            "output": {"uri": str(out)},
+            "model": {"name": str(siglip2_checkpoint)},
+            "sam": {"name": str(sam_checkpoint), **SAM_FAST},
+        },
+    )
+    summary = run_job(config)
+    assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (4, 3, 1)
+    assert summary["segmented"] == 3 and summary["accounted"]
+    masks = pa.concat_tables([pq.read_table(f) for f in (out / "masks").glob("*.parquet")])
+    assert masks.schema.equals(MASKS_SCHEMA)
+    assert summary["masks"] == masks.num_rows
+    by_id = {}
+    for row in masks.to_pylist():
+        by_id.setdefault(row["id"], []).append(row)
+    assert len(by_id["points"]) == 2 * 3 and len(by_id["boxes"]) == 2 * 3  # 3 masks per prompt
+    assert {r["prompt_index"] for r in by_id["points"]} == {0, 1}
+    assert all(r["point"] is not None and r["prompt_index"] is None for r in by_id.get("auto", []))
+    assert "broken" not in by_id
+    for row in masks.to_pylist():
+        mask = rle_to_mask(row["segmentation"])
+        assert int(mask.sum()) == row["area"]
+    emb_ids = pq.read_table(next((out / "embeddings").glob("*.parquet"))).column("id").to_pylist()
+    assert sorted(emb_ids) == ["auto", "boxes", "points"]
+
+    # the prompted masks agree with SamProcessor + SamModel + post_process_masks
+    processor = SamProcessor(image_processor=SamImageProcessor.from_pretrained(sam_checkpoint))
+    model = SamModel.from_pretrained(sam_checkpoint).eval()
+    table = pq.read_table(tmp_path / "in.parquet").to_pylist()
+    row = table[0]
+    image = Image.open(io.BytesIO(row["image"])).convert("RGB")
+    inputs = processor(
+        images=image,
+        input_points=[row["points"]],
+        input_labels=[row["labels"]],
+        return_tensors="pt",
+    )
+    with torch.inference_mode():
+        ref = model(**inputs)
+    ref_masks = processor.post_process_masks(
+        ref.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+    )[0]
+    ref_masks = ref_masks.flatten(0, 1).numpy()
+    ours = sorted(by_id["points"], key=lambda r: r["mask_id"])
+    for got, expected in zip(ours, ref_masks, strict=True):
+        mask = rle_to_mask(got["segmentation"])
+        union = np.logical_or(mask, expected).sum()
+        iou = np.logical_and(mask, expected).sum() / union if union else 1.0
+        assert iou >= 0.99
+
+
+def test_sam_alone_and_incremental(sam_checkpoint, ray_local, tmp_path):
+    photos = _photos()
+    pq.write_table(
+        pa.table(
+            {
+                "id": [n for n, _, _ in photos],
+                "image": pa.array([b for _, b, _ in photos], pa.binary()),
+            }
+        ),
+        tmp_path / "in.parquet",
+    )
+    out = tmp_path / "out"
+    overrides = {
+        "input": {"uri": str(tmp_path / "in.parquet")},
+        "output": {"uri": str(out)},
+        "model": {"name": str(sam_checkpoint)},
+        "sam": SAM_FAST,
+    }
+    summary = run_job(build_config(None, overrides))
+    assert (summary["rows_in"], summary["segmented"], summary["errors"]) == (3, 3, 0)
+    assert summary["accounted"] and summary["index"] is None and summary["family"] == "sam"
+    assert not (out / "embeddings").exists() and not (out / "index").exists()
+    again = run_job(build_config(None, overrides))
+    assert (again["rows_in"], again["skipped_done"]) == (0, 3)
+
+
+def test_decode_stage_decodes_once_for_two_models(siglip2_checkpoint, sam_checkpoint, monkeypatch):
+    from vlray.config import S3Config
+    from vlray.pipeline import stages
+    from vlray.schema import ROW_SCHEMA
+
+    calls = []
+    real = stages.decode_image
+    monkeypatch.setattr(
+        stages, "decode_image", lambda data, **kw: calls.append(1) or real(data, **kw)
+    )
+    photos = _photos()
+    stage = stages.DecodeStage(
+        resolve_checkpoint(str(siglip2_checkpoint)),
+        10**8,
+        S3Config(),
+        resolve_checkpoint(str(sam_checkpoint)),
+    )
+    rows = pa.table(
+        {
+            "id": [n for n, _, _ in photos],
+            "source": ["x"] * len(photos),
+            "data": [b for _, b, _ in photos],
+            "uri": [""] * len(photos),
+            "error": [""] * len(photos),
+            "stage": [""] * len(photos),
+            "prompts": [""] * len(photos),
+        },
+        schema=ROW_SCHEMA,
+    )
+    out = stage(rows)
+    assert len(calls) == len(photos)
+    for row in out.to_pylist():
+        assert max(row["sam_th"], row["sam_tw"]) == 1024
+        assert len(row["sam_pixels"]) == row["sam_th"] * row["sam_tw"] * 3
+        assert len(row["pixels"]) == row["th"] * row["tw"] * 3
