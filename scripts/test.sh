@@ -9,6 +9,13 @@ fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 .venv/bin/pip install -q -e ".[dev]"
+# tests/serve drives the web page with the system Chromium (never a downloaded browser). Install
+# it where we can (root + apt-get); elsewhere that one test skips. VLRAY_NO_BROWSER=1: don't try.
+if [ -z "${VLRAY_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 \
+  && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "chromium not installed: the web page test will skip" >&2
+fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 set +e
 .venv/bin/python -m pytest -q "$@"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -49,8 +50,9 @@ class SearchIndex:
         self._ids = ids  # position -> id, Arrow large_string
         self._manifest = manifest
         self.load_seconds = load_seconds
-        self._sorted: _SortedIds | None = None
-        self._order: np.ndarray | None = None  # sorted rank -> position
+        # (sorted ids, sorted rank -> position), built on first use; set in one assignment
+        self._lookup: tuple[_SortedIds, np.ndarray] | None = None
+        self._lookup_lock = threading.Lock()
         self._reconstruct_ready = False
 
     @classmethod
@@ -145,13 +147,17 @@ class SearchIndex:
 
     def position(self, id: str) -> int | None:
         """FAISS position of ``id``, or None; O(log n) after a one-time Arrow sort."""
-        if self._sorted is None:
-            order = pc.sort_indices(self._ids)
-            self._sorted = _SortedIds(self._ids.take(order))
-            self._order = order.to_numpy()
-        i = bisect.bisect_left(self._sorted, id)
-        if i < len(self._sorted) and self._sorted[i] == id:
-            return int(self._order[i])
+        lookup = self._lookup
+        if lookup is None:
+            with self._lookup_lock:  # first calls from several threads build it once
+                if self._lookup is None:
+                    order = pc.sort_indices(self._ids)
+                    self._lookup = (_SortedIds(self._ids.take(order)), order.to_numpy())
+                lookup = self._lookup
+        ids, order = lookup
+        i = bisect.bisect_left(ids, id)
+        if i < len(ids) and ids[i] == id:
+            return int(order[i])
         return None
 
     def vector(self, id: str) -> np.ndarray | None:

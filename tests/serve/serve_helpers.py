@@ -1,0 +1,95 @@
+"""Helpers of the search-service tests (a module with a unique name, imported by tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from vlray.index import build_index
+from vlray.schema import embeddings_schema
+
+
+def write_out(
+    out: Path, checkpoint: Path, embedded, n: int | None = None, thumbs: int = 0, photos=None
+):
+    """Writes OUT/embeddings/part-0.parquet and OUT/index for the first ``n`` photos."""
+    ids, vectors, widths, heights = embedded
+    n = len(ids) if n is None else n
+    ids, vectors, widths, heights = ids[:n], vectors[:n], widths[:n], heights[:n]
+    dim = vectors.shape[1]
+    (out / "embeddings").mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "id": ids,
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+            "width": pa.array(widths, pa.int32()),
+            "height": pa.array(heights, pa.int32()),
+        },
+        schema=embeddings_schema(dim),
+    )
+    pq.write_table(table, out / "embeddings" / "part-0.parquet")
+    if thumbs:
+        (out / "thumbnails").mkdir(exist_ok=True)
+        sources = dict(photos or [])
+        for item_id in ids[:thumbs]:
+            buf = io.BytesIO()
+            if item_id in sources:
+                img = Image.open(io.BytesIO(sources[item_id])).convert("RGB")
+                img.thumbnail((160, 160))
+            else:
+                img = Image.new("RGB", (32, 32), (200, 50, 50))
+            img.save(buf, format="JPEG")
+            name = hashlib.sha1(item_id.encode()).hexdigest() + ".jpg"
+            (out / "thumbnails" / name).write_bytes(buf.getvalue())
+    return build_index(
+        lambda: iter([(list(ids), vectors)]),
+        out / "index",
+        dim=dim,
+        count=n,
+        manifest={
+            "model": str(checkpoint),
+            "model_path": str(checkpoint),
+            "family": "siglip2",
+            "weights": "random",
+            "seed": 0,
+            "processor": {},
+        },
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running(app):
+    """Runs ``app`` with uvicorn in a background thread on a free loopback port."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)

@@ -1,0 +1,100 @@
+"""The web page in a real headless Chromium (the system one; skipped when not installed)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "serve-screenshot.png"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium)")
+def test_web_page(server, photos, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    query_file = tmp_path / "query.jpg"
+    query_file.write_bytes(photos[4][1])
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server + "/")
+            page.wait_for_function(
+                "document.getElementById('info').textContent.includes('20 vectors')"
+            )
+
+            # text search
+            page.fill("#q", "a photo of a cat")
+            page.click("#search-btn")
+            page.wait_for_selector(".hit")
+            assert page.locator(".hit").count() == 20
+            assert "p=" in page.locator(".hit .score").first.inner_text()
+            page.wait_for_selector(".thumb img")  # thumbnails of the first 5 ids load
+
+            # image upload (the file input behind the drop zone)
+            page.set_input_files("#file", str(query_file))
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('image query')"
+            )
+            assert page.locator(".hit .id").first.inner_text() == photos[4][0]
+
+            # drag and drop onto the drop zone
+            data = list(photos[6][1])
+            page.evaluate(
+                """(bytes) => {
+                    const dt = new DataTransfer();
+                    dt.items.add(new File([new Uint8Array(bytes)], 'dropped.jpg', {type: 'image/jpeg'}));
+                    document.getElementById('drop').dispatchEvent(
+                        new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));
+                }""",
+                data,
+            )
+            page.wait_for_function(
+                f"document.querySelector('.hit .id').textContent === {photos[6][0]!r}"
+            )
+
+            # click a result: its neighbours, itself first
+            target = page.locator(".hit").nth(2)
+            target_id = target.get_attribute("data-id")
+            target.click()
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('id query')"
+            )
+            assert page.locator(".hit .id").first.inner_text() == target_id
+            assert target_id in page.locator("#query-view").inner_text()
+
+            # a bad request shows the server's message
+            page.fill("#k", "5000")
+            page.fill("#q", "cat")
+            page.click("#search-btn")
+            page.wait_for_selector("#status.error")
+            page.fill("#k", "20")
+            page.click("#search-btn")
+            page.wait_for_selector(".hit")
+
+            shot = tmp_path / "serve-screenshot.png"
+            page.screenshot(path=str(shot), full_page=False)
+            assert shot.stat().st_size > 10_000
+            # docs/serve-screenshot.png: written when missing or with VLRAY_UPDATE_SCREENSHOT=1
+            # (not on every run: that would dirty the work tree)
+            refresh = os.environ.get("VLRAY_UPDATE_SCREENSHOT") or not DOCS_SHOT.exists()
+            if refresh and DOCS_SHOT.parent.is_dir():
+                shutil.copyfile(shot, DOCS_SHOT)
+            assert errors == []
+        finally:
+            browser.close()

@@ -1,0 +1,365 @@
+"""The served index and models: loaded once, swapped atomically when a new index appears.
+
+A request takes one :class:`Snapshot` reference at its start and uses only that, so a swap
+(a single attribute assignment, atomic in Python) never mixes two indexes inside one request
+and never makes a request fail: the old snapshot stays alive until its last request ends.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import logging
+import posixpath
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import torch
+
+from vlray.index.build import MANIFEST_FILE
+from vlray.ops.decode import decode_image
+from vlray.ops.resize import resize_uint8
+from vlray.query import QueryError, Searcher
+from vlray.storage import Location, list_files, locate, read_bytes
+
+logger = logging.getLogger(__name__)
+
+# Manifest keys that decide which model (and preprocessing) a query must use.
+_MODEL_KEYS = ("model", "model_path", "family", "weights", "seed", "processor")
+
+
+def thumbnail_name(item_id: str) -> str:
+    """File name of an item's thumbnail under ``OUT/thumbnails/``: ``sha1(id).jpg``."""
+    return hashlib.sha1(item_id.encode("utf-8")).hexdigest() + ".jpg"
+
+
+class _SortedStrings:
+    """Sequence view of a sorted Arrow string array, for :mod:`bisect` (no Python strings)."""
+
+    def __init__(self, values: pa.Array) -> None:
+        self._values = values
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __getitem__(self, i: int) -> str:
+        return self._values[i].as_py()
+
+
+class ItemSizes:
+    """id -> (width, height) from the job's ``embeddings/*.parquet`` (sorted Arrow columns)."""
+
+    def __init__(self, table: pa.Table | None) -> None:
+        if table is None or table.num_rows == 0:
+            self._ids = _SortedStrings(pa.array([], pa.large_string()))
+            self._width = np.zeros(0, np.int64)
+            self._height = np.zeros(0, np.int64)
+            return
+        ids = table.column("id").cast(pa.large_string()).combine_chunks()
+        order = pc.sort_indices(ids)
+        self._ids = _SortedStrings(ids.take(order))
+        self._width = table.column("width").combine_chunks().take(order).fill_null(-1).to_numpy()
+        self._height = table.column("height").combine_chunks().take(order).fill_null(-1).to_numpy()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def get(self, item_id: str) -> tuple[int | None, int | None]:
+        """(width, height) of an item, (None, None) when unknown."""
+        i = bisect.bisect_left(self._ids, item_id)
+        if i < len(self._ids) and self._ids[i] == item_id:
+            w, h = int(self._width[i]), int(self._height[i])
+            return (w if w >= 0 else None, h if h >= 0 else None)
+        return None, None
+
+    @classmethod
+    def load(cls, folder: Location) -> ItemSizes:
+        """Reads id/width/height of every ``*.parquet`` under ``folder`` (missing: empty)."""
+        tables = []
+        for path in list_files(folder, (".parquet",)):
+            table = pq.read_table(path, columns=["id", "width", "height"], filesystem=folder.fs)
+            tables.append(
+                pa.table(
+                    {
+                        "id": table.column("id").cast(pa.large_string()),
+                        "width": table.column("width").cast(pa.int64()),
+                        "height": table.column("height").cast(pa.int64()),
+                    }
+                )
+            )
+        if not tables:
+            return cls(None)
+        return cls(pa.concat_tables(tables))
+
+
+class Models:
+    """The family and its encoders for one model, each loaded once, on first use.
+
+    Encoders are not assumed thread-safe (fast tokenizers are not): one lock per encoder
+    serialises loading and forward passes.
+    """
+
+    def __init__(self, family_of: Callable[[], Any], on_load: Callable[[str, float], None]):
+        self._family_of = family_of
+        self._on_load = on_load
+        self._family: Any = None
+        self._image: Any = None
+        self._text: Any = None
+        self._family_lock = threading.Lock()
+        self._image_lock = threading.Lock()
+        self._text_lock = threading.Lock()
+        self.load_seconds: dict[str, float] = {}
+
+    @property
+    def family(self) -> Any:
+        """The model family (resolves the checkpoint; raises QueryError when it is missing)."""
+        with self._family_lock:
+            if self._family is None:
+                self._family = self._family_of()
+            return self._family
+
+    def _loaded(self, kind: str, start: float) -> None:
+        seconds = time.perf_counter() - start
+        self.load_seconds[kind] = seconds
+        self._on_load(kind, seconds)
+        logger.info("loaded %s encoder in %.2fs", kind, seconds)
+
+    def encode_text(self, text: str) -> tuple[np.ndarray, Any]:
+        """A text query's unit vector and the encoder's ``probability`` function.
+
+        Raises:
+            NotImplementedError: the family has no text tower.
+        """
+        with self._text_lock:
+            if self._text is None:
+                start = time.perf_counter()
+                self._text = self.family.load_text_encoder(torch.device("cpu"), torch.float32)
+                self._loaded("text", start)
+            vector = self._text.encode([text])[0].numpy()
+            return vector, self._text.probability
+
+    def encode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
+        """An encoded image's unit vector, preprocessed exactly as ``Searcher.by_image`` does.
+
+        Raises:
+            DecodeError: not an image, corrupt, or over ``max_pixels``.
+            UnsupportedImage: the model rejects its shape.
+        """
+        family = self.family
+        pixels = decode_image(data, max_pixels=max_pixels)
+        size = family.target_size(pixels.shape[0], pixels.shape[1])
+        resized = resize_uint8(pixels, size, family.interpolation)
+        inputs = family.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None])
+        with self._image_lock:
+            if self._image is None:
+                start = time.perf_counter()
+                self._image = family.load_encoder(torch.device("cpu"), torch.float32)
+                self._loaded("image", start)
+            return self._image.encode(inputs)[0].numpy()
+
+    def preload(self) -> None:
+        """Loads both encoders now (text only when the family has a text tower)."""
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (64, 48), (128, 96, 64)).save(buf, format="PNG")
+        self.encode_image(buf.getvalue(), 10_000_000)
+        try:
+            self.encode_text("a photo")
+        except NotImplementedError:
+            pass
+
+
+@dataclass
+class Snapshot:
+    """One loaded index with everything a request needs about it."""
+
+    searcher: Searcher
+    models: Models
+    sizes: ItemSizes
+    thumbnails: Location | None
+    manifest_bytes: bytes
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.searcher.manifest
+
+    @property
+    def count(self) -> int:
+        return self.searcher.index.count
+
+    @property
+    def dim(self) -> int:
+        return self.searcher.index.dim
+
+    def search(self, vector: np.ndarray, n: int) -> list[tuple[str, float]]:
+        """The ``n`` best (id, score) pairs for one unit vector."""
+        return self.searcher.index.search(np.asarray(vector, np.float32).reshape(1, -1), n)[0]
+
+    def thumbnail(self, item_id: str) -> Location | None:
+        """The item's thumbnail file when ``OUT/thumbnails/<sha1(id)>.jpg`` exists."""
+        if self.thumbnails is None:
+            return None
+        location = self.thumbnails.join(thumbnail_name(item_id))
+        try:
+            info = location.fs.get_file_info(location.path)
+        except OSError:
+            return None
+        return location if info.type == pafs.FileType.File else None
+
+
+def _parent_uri(uri: str) -> str:
+    uri = uri.rstrip("/")
+    if uri.startswith("s3://"):
+        return posixpath.dirname(uri)
+    return posixpath.dirname(locate(uri).path)
+
+
+def _warm(searcher: Searcher) -> None:
+    """Builds SearchIndex's lazy id lookup (and direct map) before the index is shared.
+
+    ``SearchIndex.position``/``vector`` initialise these on first call without a lock; doing it
+    here, on the loading thread, keeps concurrent first requests from racing on them.
+    """
+    index = searcher.index
+    index.position("")
+    if index.count:
+        hits = index.search(np.zeros((1, index.dim), np.float32), 1)[0]
+        if hits:
+            try:
+                index.vector(hits[0][0])
+            except NotImplementedError:
+                pass
+
+
+def _model_key(manifest: dict[str, Any]) -> str:
+    return json.dumps({k: manifest.get(k) for k in _MODEL_KEYS}, sort_keys=True, default=str)
+
+
+class IndexHolder:
+    """Owns the current :class:`Snapshot` and replaces it when the index on disk changes.
+
+    ``maybe_reload()`` is cheap and non-blocking: at most every ``interval`` seconds it starts
+    one background check, which reads ``manifest.json`` and, when its bytes changed (a new
+    ``created_at``), loads the new index fully and then swaps the reference.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        interval: float,
+        on_swap: Callable[[Snapshot], None] | None = None,
+        on_model_load: Callable[[str, float], None] | None = None,
+        on_reload_result: Callable[[str], None] | None = None,
+    ) -> None:
+        self.uri = uri
+        self.interval = interval
+        self._root = locate(uri)
+        self._out = locate(_parent_uri(uri))
+        self._on_swap = on_swap or (lambda s: None)
+        self._on_model_load = on_model_load or (lambda kind, s: None)
+        self._on_result = on_reload_result or (lambda r: None)
+        self._snapshot: Snapshot | None = None
+        self.error: str | None = None
+        self._lock = threading.Lock()  # one check at a time
+        self._last_check = 0.0
+        self._checking = False
+
+    @property
+    def snapshot(self) -> Snapshot | None:
+        """The current snapshot (None until the first successful load)."""
+        return self._snapshot
+
+    def _read_manifest(self) -> bytes | None:
+        try:
+            return read_bytes(self._root.join(MANIFEST_FILE))
+        except (OSError, FileNotFoundError):
+            return None
+
+    def _load(self, manifest_bytes: bytes) -> Snapshot:
+        searcher = Searcher.open(self.uri)
+        _warm(searcher)
+        current = self._snapshot
+        if current is not None and _model_key(current.manifest) == _model_key(searcher.manifest):
+            models = current.models  # same model: keep the encoders already in memory
+        else:
+            models = Models(lambda: searcher.family, self._on_model_load)
+        sizes = ItemSizes.load(self._out.join("embeddings"))
+        thumbs = self._out.join("thumbnails")
+        info = thumbs.fs.get_file_info(thumbs.path)
+        return Snapshot(
+            searcher=searcher,
+            models=models,
+            sizes=sizes,
+            thumbnails=thumbs if info.type == pafs.FileType.Directory else None,
+            manifest_bytes=manifest_bytes,
+        )
+
+    def check(self) -> bool:
+        """Loads the index if ``manifest.json`` changed; True when a new snapshot went live."""
+        with self._lock:
+            self._last_check = time.monotonic()
+            before = self._read_manifest()
+            if before is None:
+                if self._snapshot is None:
+                    self.error = f"{self.uri} has no manifest.json (yet)"
+                return False
+            if self._snapshot is not None and before == self._snapshot.manifest_bytes:
+                return False
+            try:
+                snapshot = self._load(before)
+            except (QueryError, OSError, ValueError, pa.ArrowException) as exc:
+                self.error = f"cannot load index {self.uri}: {exc}"
+                logger.warning("%s (keeping the current index)", self.error)
+                self._on_result("error")
+                return False
+            # A build that overlapped the load deletes manifest.json first and writes it last:
+            # an unchanged manifest proves the files we read belong together.
+            if self._read_manifest() != before or snapshot.searcher.manifest != json.loads(before):
+                logger.info("index changed while loading; retrying at the next check")
+                self._last_check = 0.0
+                self._on_result("retry")
+                return False
+            self._snapshot = snapshot  # the atomic swap
+            self.error = None
+            self._on_result("ok")
+            self._on_swap(snapshot)
+            logger.info(
+                "serving index %s: %d vectors (created %s)",
+                self.uri,
+                snapshot.count,
+                snapshot.manifest.get("created_at"),
+            )
+            return True
+
+    def maybe_reload(self) -> None:
+        """Starts a background check when the last one is older than the interval."""
+        if self.interval <= 0 and self._snapshot is not None:
+            return
+        now = time.monotonic()
+        if self._checking or now - self._last_check < max(self.interval, 0.05):
+            return
+        self._checking = True
+        self._last_check = now
+
+        def run() -> None:
+            try:
+                self.check()
+            except Exception:  # never let the watcher thread die silently
+                logger.exception("index reload check failed")
+            finally:
+                self._checking = False
+
+        threading.Thread(target=run, name="vlray-index-reload", daemon=True).start()

@@ -1,0 +1,182 @@
+// vlray search page: plain JS, no build step, no external resources.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { query: null, offset: 0, nextOffset: null, apiKey: sessionStorage.getItem("vlrayApiKey") || "" };
+
+function headers() {
+  return state.apiKey ? { "x-api-key": state.apiKey } : {};
+}
+
+function setStatus(text, isError) {
+  const el = $("status");
+  el.textContent = text;
+  el.className = isError ? "error" : "";
+}
+
+async function api(path, options) {
+  const opts = Object.assign({}, options || {});
+  opts.headers = Object.assign({}, opts.headers || {}, headers());
+  const response = await fetch(path, opts);
+  if (response.status === 401) {
+    $("key-box").hidden = false;
+  }
+  if (!response.ok) {
+    let detail = response.statusText;
+    try {
+      const body = await response.json();
+      detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail);
+    } catch (e) { /* not JSON */ }
+    throw new Error(response.status + ": " + detail);
+  }
+  return response;
+}
+
+async function loadThumb(link, holder) {
+  try {
+    const response = await api(link);
+    const url = URL.createObjectURL(await response.blob());
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = "";
+    holder.textContent = "";
+    holder.appendChild(img);
+  } catch (e) { /* keep the placeholder */ }
+}
+
+function params() {
+  const p = new URLSearchParams();
+  p.set("k", String(Math.max(1, parseInt($("k").value, 10) || 20)));
+  p.set("offset", String(state.offset));
+  const min = $("min-score").value;
+  if (min !== "") p.set("min_score", min);
+  return p;
+}
+
+async function run() {
+  const q = state.query;
+  if (!q) return;
+  const p = params();
+  setStatus("searching...");
+  try {
+    let response;
+    if (q.kind === "text") {
+      p.set("q", q.text);
+      response = await api("api/search/text?" + p);
+    } else if (q.kind === "id") {
+      p.set("id", q.id);
+      response = await api("api/search/id?" + p);
+    } else {
+      const form = new FormData();
+      form.append("file", q.file, q.file.name || "upload");
+      response = await api("api/search/image?" + p, { method: "POST", body: form });
+    }
+    const body = await response.json();
+    render(body);
+    setStatus(body.hits.length + " results (" + body.kind + " query, " + body.took_ms.toFixed(1) + " ms)");
+  } catch (e) {
+    $("grid").textContent = "";
+    setStatus(e.message, true);
+  }
+}
+
+function render(body) {
+  const grid = $("grid");
+  grid.textContent = "";
+  for (const hit of body.hits) {
+    const card = document.createElement("div");
+    card.className = "hit";
+    card.dataset.id = hit.id;
+    card.title = "Click for neighbours of " + hit.id;
+    const thumb = document.createElement("div");
+    thumb.className = "thumb";
+    thumb.textContent = hit.width && hit.height ? hit.width + "\u00d7" + hit.height : "no thumbnail";
+    if (hit.thumbnail) loadThumb(hit.thumbnail, thumb);
+    const score = document.createElement("div");
+    score.className = "score";
+    score.textContent = "#" + hit.rank + "  " + hit.score.toFixed(4) +
+      (hit.probability !== undefined ? "  p=" + hit.probability.toFixed(3) : "");
+    const id = document.createElement("div");
+    id.className = "id";
+    id.textContent = hit.id;
+    card.append(thumb, score, id);
+    if (hit.width && hit.height) {
+      const size = document.createElement("div");
+      size.className = "size";
+      size.textContent = hit.width + " \u00d7 " + hit.height;
+      card.appendChild(size);
+    }
+    card.addEventListener("click", () => search({ kind: "id", id: hit.id }));
+    grid.appendChild(card);
+  }
+  state.nextOffset = body.next_offset === undefined ? null : body.next_offset;
+  $("next").disabled = state.nextOffset === null;
+  $("prev").disabled = state.offset === 0;
+}
+
+function showQuery(q) {
+  const view = $("query-view");
+  view.textContent = "";
+  if (q.kind === "text") view.textContent = "Text: \u201c" + q.text + "\u201d";
+  if (q.kind === "id") view.textContent = "Neighbours of " + q.id;
+  if (q.kind === "image") {
+    const img = document.createElement("img");
+    img.src = URL.createObjectURL(q.file);
+    img.alt = "query image";
+    view.append("Image: ", img);
+  }
+}
+
+function search(q) {
+  state.query = q;
+  state.offset = 0;
+  showQuery(q);
+  run();
+}
+
+function uploadFile(file) {
+  if (file) search({ kind: "image", file: file });
+}
+
+async function loadInfo() {
+  try {
+    const info = await (await api("api/info")).json();
+    $("info").textContent = info.count + " vectors \u00b7 " + (info.model || "?") +
+      " (" + (info.weights || "?") + " weights) \u00b7 " + (info.created_at || "");
+    $("k").max = String(info.max_k);
+    if (!info.text_search) $("q").placeholder = "This model has no text tower: upload an image";
+  } catch (e) {
+    $("info").textContent = e.message;
+  }
+}
+
+$("text-form").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const text = $("q").value.trim();
+  if (text) search({ kind: "text", text: text });
+});
+$("file").addEventListener("change", (ev) => uploadFile(ev.target.files[0]));
+const drop = $("drop");
+drop.addEventListener("dragover", (ev) => { ev.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (ev) => {
+  ev.preventDefault();
+  drop.classList.remove("over");
+  uploadFile(ev.dataTransfer.files[0]);
+});
+$("next").addEventListener("click", () => {
+  if (state.nextOffset !== null) { state.offset = state.nextOffset; run(); }
+});
+$("prev").addEventListener("click", () => {
+  const k = Math.max(1, parseInt($("k").value, 10) || 20);
+  state.offset = Math.max(0, state.offset - k);
+  run();
+});
+$("key-save").addEventListener("click", () => {
+  state.apiKey = $("api-key").value;
+  sessionStorage.setItem("vlrayApiKey", state.apiKey);
+  $("key-box").hidden = true;
+  loadInfo();
+  run();
+});
+loadInfo();
