@@ -26,6 +26,11 @@ class StagePlan:
     io_cpus: float = 0.1
 
 
+def _floor(value: float) -> float:
+    """Rounds a CPU reservation down to 1/1000 (rounding up could ask for more than exists)."""
+    return math.floor(value * 1000) / 1000
+
+
 def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: int = 1) -> StagePlan:
     """Splits the cluster between decode and encode actors.
 
@@ -42,16 +47,19 @@ def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: in
         encode_gpus /= models  # both models' actors share each GPU
     encode_actors = compute.encode_actors
     if use_gpu and gpus:
-        encode_actors = max(1, min(encode_actors, int(gpus // encode_gpus)))
-    encode_cpus = 1.0 if use_gpu else min(1.0, max(0.25, cpus / 4))
+        encode_actors = max(1, min(encode_actors, int(gpus // (encode_gpus * models))))
     io_cpus = 0.1
-    left = max(cpus - models * encode_actors * encode_cpus - 2 * io_cpus, 0.25)
-    decode_actors = compute.decode_actors or max(1, math.floor(left + 0.5))
-    decode_cpus = max(min(left / decode_actors, 1.0), 0.05)
-    threads = compute.torch_threads or max(1, int(round(encode_cpus))) if not use_gpu else 2
+    model_actors = models * encode_actors
+    encode_cpus = 1.0 if use_gpu else min(1.0, max(0.25, cpus / 4))
+    # encoders never reserve more than half the CPUs: the rest decodes (and reads and writes)
+    encode_cpus = _floor(min(encode_cpus, max(cpus / 2 - io_cpus, 0.1) / model_actors))
+    left = max(cpus - model_actors * encode_cpus - 2 * io_cpus, 0.25)
+    decode_actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
+    decode_cpus = _floor(max(min(left / decode_actors, 1.0), 0.05))
+    threads = compute.torch_threads or (2 if use_gpu else max(1, int(round(encode_cpus))))
     return StagePlan(
         decode_actors=decode_actors,
-        decode_cpus=round(decode_cpus, 3),
+        decode_cpus=decode_cpus,
         encode_actors=encode_actors,
         encode_cpus=encode_cpus,
         encode_gpus=encode_gpus,
