@@ -164,3 +164,26 @@ def test_vision_only_checkpoint(kind, siglip2_checkpoint, siglip_checkpoint, tmp
     assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(NotImplementedError, match="no text tower"):
         vision_family.load_text_encoder(torch.device("cpu"), torch.float32)
+
+
+def test_processor_save_pretrained_layout(siglip2_checkpoint, tmp_path):
+    """transformers 5's Processor.save_pretrained nests the image settings in processor_config.json."""
+    import shutil
+
+    from transformers import AutoTokenizer, Siglip2ImageProcessor, Siglip2Processor
+
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(siglip2_checkpoint / name, tmp_path)
+    processor = Siglip2Processor(
+        image_processor=Siglip2ImageProcessor(max_num_patches=48, patch_size=16),
+        tokenizer=AutoTokenizer.from_pretrained(siglip2_checkpoint),
+    )
+    processor.save_pretrained(tmp_path)
+    assert not (tmp_path / "preprocessor_config.json").exists()
+    family = family_for(resolve_checkpoint(str(tmp_path)))
+    assert family.max_num_patches == 48
+    reference = AutoImageProcessor.from_pretrained(tmp_path)
+    image = PHOTOS[1]
+    expected = reference(images=[Image.fromarray(image)], return_tensors="pt")
+    got = family.preprocess(_ours(family, image), pad=True)
+    assert torch.equal(got["pixel_values"], expected["pixel_values"])

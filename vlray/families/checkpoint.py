@@ -87,6 +87,25 @@ def _looks_like_hub_id(name: str) -> bool:
     return len(parts) == 2 and all(parts)
 
 
+def read_processor_config(folder: Path) -> dict[str, Any]:
+    """The image processor settings of a checkpoint folder.
+
+    ``ImageProcessor.save_pretrained`` writes ``preprocessor_config.json``; transformers 5's
+    ``Processor.save_pretrained`` writes them nested under ``image_processor`` in
+    ``processor_config.json`` instead. Empty when neither exists (the family's defaults apply).
+    """
+    path = folder / "preprocessor_config.json"
+    if path.exists():
+        return _read_json(path)
+    path = folder / "processor_config.json"
+    if path.exists():
+        nested = _read_json(path).get("image_processor")
+        if isinstance(nested, dict):
+            return dict(nested)
+    logger.warning("%s has no image processor config: using the family's defaults", folder)
+    return {}
+
+
 def resolve_checkpoint(
     name: str,
     *,
@@ -113,8 +132,7 @@ def resolve_checkpoint(
     model_type = config.get("model_type", "")
     if not model_type:
         raise CheckpointError(f"{config_path} has no model_type")
-    processor_path = folder / "preprocessor_config.json"
-    processor = _read_json(processor_path) if processor_path.exists() else {}
+    processor = read_processor_config(folder)
     processor.update(processor_overrides or {})
     if weights == "pretrained" and not any(folder.glob("*.safetensors")):
         raise CheckpointError(
