@@ -80,21 +80,33 @@ class Normalization:
         Returns:
             float32 tensor of the same shape, bit-identical to the reference processor's values.
         """
+        return self.apply_into(images, None, channel_dim)
+
+    def apply_into(
+        self, images: torch.Tensor, out: torch.Tensor | None, channel_dim: int
+    ) -> torch.Tensor:
+        """``apply``, writing into ``out`` (a float32 tensor or view of ``images``' shape).
+
+        The uint8 -> float32 copy goes into a contiguous buffer first (one pass, whatever the
+        input's strides), then subtract and divide run in place: the same float32 operations as
+        the reference, so bit-identical values, at a fraction of the cost of strided arithmetic.
+        """
         shape = [1] * images.dim()
         shape[channel_dim] = -1
+        if out is None:
+            out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+        out.copy_(images)
         if self.do_rescale and self.do_normalize:
             # The reference fuses rescale into mean/std: (x - mean/r) / (std/r), in float32.
             mean = torch.tensor(self.mean, device=images.device) * (1.0 / self.rescale_factor)
             std = torch.tensor(self.std, device=images.device) * (1.0 / self.rescale_factor)
-            out = images.to(torch.float32)
             return out.sub_(mean.view(shape)).div_(std.view(shape))
-        out = images.to(torch.float32)
         if self.do_normalize:
             mean = torch.tensor(self.mean, device=images.device).view(shape)
             std = torch.tensor(self.std, device=images.device).view(shape)
             return out.sub_(mean).div_(std)
         if self.do_rescale:
-            return out * self.rescale_factor
+            return out.mul_(self.rescale_factor)
         return out
 
 

@@ -458,13 +458,16 @@ class SamFamily(Family):
             ``pixel_values`` normalized and zero-padded bottom/right (as the reference, padding
             after normalization) and ``reshaped_input_sizes`` int64 (B, 2) = (h, w).
         """
-        b, _, h, w = images.shape
-        values = self.normalization.apply(images, channel_dim=1)
+        b, c, h, w = images.shape
         if self.do_pad:
             ph, pw = self.pad_size
             if h > ph or w > pw:
                 raise ValueError(f"{h}x{w} images exceed the pad size {ph}x{pw}")
-            values = F.pad(values, (0, pw - w, 0, ph - h))
+            # normalize straight into the image area of the zero-padded output (one float pass)
+            values = torch.zeros((b, c, ph, pw), dtype=torch.float32, device=images.device)
+            self.normalization.apply_into(images, values[:, :, :h, :w], channel_dim=1)
+        else:
+            values = self.normalization.apply(images, channel_dim=1)
         sizes = torch.tensor([[h, w]] * b, dtype=torch.int64)
         return {"pixel_values": values, "reshaped_input_sizes": sizes}
 
