@@ -4,32 +4,36 @@ Same Parquet of 640x480 JPEGs, same tiny random SigLIP2 (64 patches). Start-up i
 timing N and 3N rows: steady rate = 2N / (t(3N) - t(N)). Also measures the decode-bound limit
 (cores x single-core PIL decode + uint8 resize) on the same machine in the same run.
 
-    python bench/job.py [--rows 600] [--cpus 2]
+    python bench/job.py [--rows 600] [--cpus 2] [--quick]
+
+Prints vlray's ``_summary.json`` fields ``stage_busy_seconds``, ``buckets`` and ``resources`` of
+the 3N run (where the time goes), and the load average before and after each part.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
+import benchutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from vlray.config import build_config
+from vlray.families import family_for, resolve_checkpoint
+from vlray.ops.decode import decode_image
+from vlray.ops.resize import resize_uint8
+from vlray.testing.checkpoints import save_tiny_siglip2
+from vlray.testing.images import sample_photos
 
-from vlray.config import build_config  # noqa: E402
-from vlray.families import family_for, resolve_checkpoint  # noqa: E402
-from vlray.ops.decode import decode_image  # noqa: E402
-from vlray.ops.resize import resize_uint8  # noqa: E402
-from vlray.testing.checkpoints import save_tiny_siglip2  # noqa: E402
-from vlray.testing.images import sample_photos  # noqa: E402
+TARGET_LIMIT, TARGET_BASELINES = 0.5, 1.5  # SPEC 9 (2-core machine)
 
 
 def make_parquet(path: Path, rows: int) -> None:
@@ -49,16 +53,22 @@ def make_parquet(path: Path, rows: int) -> None:
     )
 
 
-def decode_limit(path: Path, family, seconds: float = 3.0) -> float:
+def decode_limit(path: Path, family, seconds: float = 3.0, repeat: int = 3) -> float:
+    """Single-core PIL decode + uint8 resize rate: best of ``repeat`` windows of ``seconds``."""
     blobs = pq.read_table(path).column("image").to_pylist()[:200]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for blob in blobs:
-            img = decode_image(blob, max_pixels=10**9)
-            resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
-            n += 1
-    return n / (time.perf_counter() - start)
+    best = 0.0
+    for _ in range(repeat):
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / repeat:
+            for blob in blobs[:50]:
+                img = decode_image(blob, max_pixels=10**9)
+                resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+                n += 1
+        best = max(best, n / (time.perf_counter() - start))
+    torch.set_num_threads(threads)
+    return best
 
 
 def plain_loop(path: Path, ckpt: Path, threads: int) -> float:
@@ -114,7 +124,7 @@ def hand_written(path: Path, ckpt: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def vlray_job(path: Path, ckpt: Path, out: Path) -> float:
+def vlray_job(path: Path, ckpt: Path, out: Path) -> dict:
     from vlray.pipeline.job import run_job
 
     config = build_config(
@@ -128,7 +138,7 @@ def vlray_job(path: Path, ckpt: Path, out: Path) -> float:
     )
     summary = run_job(config)
     assert summary["accounted"] and summary["errors"] == 0
-    return summary["job_seconds"]
+    return summary
 
 
 def steady(n: int, t1: float, t3: float) -> float:
@@ -137,11 +147,16 @@ def steady(n: int, t1: float, t3: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=600)
+    parser.add_argument("--rows", type=int, default=600, help="N (the runs are N and 3N rows)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per size; min time kept")
+    parser.add_argument("--quick", action="store_true", help="N = 150, one run per size")
     args = parser.parse_args()
+    if args.quick:
+        args.rows, args.repeat = 150, 1
     import ray
 
+    benchutil.header("job: vlray vs plain transformers loop vs hand-written Ray Data script")
     tmp = Path(tempfile.mkdtemp(prefix="vlray-bench-"))
     ckpt = save_tiny_siglip2(tmp / "ckpt", max_num_patches=64)
     family = family_for(resolve_checkpoint(str(ckpt)))
@@ -150,23 +165,81 @@ def main() -> None:
     make_parquet(small, n)
     make_parquet(large, 3 * n)
 
-    limit1 = decode_limit(small, family)
-    loop = plain_loop(large, ckpt, args.cpus)
+    loads = {"start": benchutil.load()}
+    limit_before = decode_limit(small, family)
+    # the loop gets its best thread count: 2 intra-op threads collapse on a loaded 2-core box
+    loops = {t: plain_loop(large, ckpt, t) for t in sorted({1, args.cpus})}
+    loop = max(loops.values())
+    loads["after loop"] = benchutil.load()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    ours = steady(n, vlray_job(small, ckpt, tmp / "o1"), vlray_job(large, ckpt, tmp / "o3"))
-    hand = steady(n, hand_written(small, ckpt, tmp / "h1"), hand_written(large, ckpt, tmp / "h3"))
+    runs1 = [vlray_job(small, ckpt, tmp / f"o1-{i}") for i in range(args.repeat)]
+    runs3 = [vlray_job(large, ckpt, tmp / f"o3-{i}") for i in range(args.repeat)]
+    s1 = min(runs1, key=lambda s: s["job_seconds"])
+    s3 = min(runs3, key=lambda s: s["job_seconds"])
+    ours = steady(n, s1["job_seconds"], s3["job_seconds"])
+    loads["after vlray"] = benchutil.load()
+    h1 = min(hand_written(small, ckpt, tmp / f"h1-{i}") for i in range(args.repeat))
+    h3 = min(hand_written(large, ckpt, tmp / f"h3-{i}") for i in range(args.repeat))
+    hand = steady(n, h1, h3)
+    loads["after hand-written"] = benchutil.load()
+    ray.shutdown()
+    limit_after = decode_limit(small, family)
+    limit1 = max(limit_before, limit_after)
     limit = limit1 * args.cpus
     print(
-        f"machine: {os.cpu_count()} CPUs, Ray with {args.cpus}; {n} and {3 * n} 640x480 JPEGs; tiny SigLIP2, 64 patches"
+        f"{args.cpus} CPUs for Ray; {n} and {3 * n} 640x480 JPEGs (q90); tiny SigLIP2, 64 "
+        f"patches; steady = 2N / (t(3N) - t(N))"
+    )
+    print("load averages: " + "; ".join(f"{k}: {v}" for k, v in loads.items()))
+    print(
+        f"decode-bound limit      {limit:8.0f} img/s  ({limit1:.0f} img/s single-core decode + "
+        f"resize x {args.cpus}; before {limit_before:.0f}, after {limit_after:.0f})"
     )
     print(
-        f"decode-bound limit      {limit:8.0f} img/s  ({limit1:.0f} img/s single-core decode + resize x {args.cpus})"
+        f"plain transformers loop {loop:8.0f} img/s ({3 * n} rows, model load not timed; "
+        + ", ".join(f"{t} threads {r:.0f}" for t, r in loops.items())
+        + ")"
     )
-    print(f"plain transformers loop {loop:8.0f} img/s")
-    print(f"hand-written Ray Data   {hand:8.0f} img/s (steady)")
-    print(f"vlray job               {ours:8.0f} img/s (steady)")
     print(
-        f"vlray / limit {ours / limit:.2f}   vlray / loop {ours / loop:.2f}x   vlray / hand-written {ours / hand:.2f}x"
+        "job seconds, all runs: vlray N "
+        + " ".join(f"{s['job_seconds']:.1f}" for s in runs1)
+        + ", 3N "
+        + " ".join(f"{s['job_seconds']:.1f}" for s in runs3)
+        + f" (best of {args.repeat} each)"
+    )
+    print(f"hand-written Ray Data   {hand:8.0f} img/s steady (t(N) {h1:.1f} s, t(3N) {h3:.1f} s)")
+    print(
+        f"vlray job               {ours:8.0f} img/s steady (t(N) {s1['job_seconds']:.1f} s, "
+        f"t(3N) {s3['job_seconds']:.1f} s)"
+    )
+    ok = (
+        ours / limit >= TARGET_LIMIT
+        and ours / loop >= TARGET_BASELINES
+        and ours / hand >= TARGET_BASELINES
+    )
+    print(
+        f"vlray / limit {ours / limit:.2f} (target >= {TARGET_LIMIT})   vlray / loop "
+        f"{ours / loop:.2f}x   vlray / hand-written {ours / hand:.2f}x (targets >= "
+        f"{TARGET_BASELINES}x): {'meets' if ok else 'MISSES'}"
+    )
+    fields = {k: s3[k] for k in ("stage_busy_seconds", "buckets", "resources")}
+    fields["per_stage_images_per_busy_second"] = s3.get("per_stage_images_per_busy_second")
+    print(f"vlray _summary.json of the 3N run: {json.dumps(fields)}")
+    benchutil.emit(
+        {
+            "bench": "job",
+            "rows": n,
+            "limit_img_s": limit,
+            "loop_img_s": loop,
+            "loop_by_threads": loops,
+            "hand_img_s": hand,
+            "vlray_img_s": ours,
+            "vlray_over_limit": ours / limit,
+            "vlray_over_loop": ours / loop,
+            "vlray_over_hand": ours / hand,
+            "loads": loads,
+            "summary_3n": fields,
+        }
     )
 
 

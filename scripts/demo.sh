@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 export HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 .venv/bin/python jobs/embed.py "$@"
 .venv/bin/python jobs/query.py --index vlray-demo-output/index --text "a photo of a cat" -k 5

@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -c constraints.txt -e ".[dev]"
 # tests/serve drives the web page with the system Chromium (never a downloaded browser). Install
 # it where we can (root + apt-get); elsewhere that one test skips. VLRAY_NO_BROWSER=1: don't try.
 if [ -z "${VLRAY_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 \
