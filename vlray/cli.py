@@ -164,6 +164,13 @@ def _query_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--json", action="store_true", help='print a JSON list of {"id", "score"}, best first'
     )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="s3.KEY=VALUE",
+        help="S3 settings of an s3:// index or image (endpoint_url, region, key, secret, ...)",
+    )
     return p
 
 
@@ -178,14 +185,15 @@ def query_main(argv: list[str] | None = None) -> int:
         print("error: -k must be >= 1", file=sys.stderr)
         return 2
     try:
-        searcher = Searcher.open(args.index)
+        s3 = build_config(None, {**parse_assignments(args.set), "demo": True}).s3
+        searcher = Searcher.open(args.index, s3)
         if args.text is not None:
             hits = searcher.by_text(args.text, args.k)
         elif args.image is not None:
             hits = searcher.by_image(args.image, args.k)
         else:
             hits = searcher.by_id(args.id, args.k)
-    except QueryError as exc:
+    except (QueryError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.json:

@@ -191,6 +191,17 @@ def _fsync_replace(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _write_manifest(out: Path, manifest: dict) -> None:
+    """Writes ``manifest.json`` atomically (last, so its presence means the index is whole)."""
+    manifest_path = out / MANIFEST_FILE
+    manifest_tmp = _tmp_name(manifest_path)
+    try:
+        manifest_tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _fsync_replace(manifest_tmp, manifest_path)
+    finally:
+        manifest_tmp.unlink(missing_ok=True)
+
+
 def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
 
@@ -325,13 +336,7 @@ def build_index(
         "vlray_version": _vlray_version(),
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    manifest_path = out / MANIFEST_FILE
-    manifest_tmp = _tmp_name(manifest_path)
-    try:
-        manifest_tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        _fsync_replace(manifest_tmp, manifest_path)
-    finally:
-        manifest_tmp.unlink(missing_ok=True)
+    _write_manifest(out, result)
     logger.info(
         "built %s index of %d x %d in %.1fs", factory, result["count"], dim, result["build_seconds"]
     )
@@ -434,12 +439,6 @@ def add_to_index(
         "vlray_version": _vlray_version(),
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    manifest_path = out / MANIFEST_FILE
-    manifest_tmp = _tmp_name(manifest_path)
-    try:
-        manifest_tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-        _fsync_replace(manifest_tmp, manifest_path)
-    finally:
-        manifest_tmp.unlink(missing_ok=True)
+    _write_manifest(out, result)
     logger.info("added %d vectors to %s index (now %d)", rows, old.get("factory"), result["count"])
     return result

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlray.config import JobConfig, to_dict
+from vlray.config import JobConfig, ModelConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
@@ -287,26 +287,25 @@ def build_output_index(
     return {**result, "mode": mode}
 
 
+def _resolve(section: ModelConfig | SamConfig) -> Checkpoint:
+    """The checkpoint of a model section: with random weights and an ``arch``, the preset."""
+    random_arch = section.weights == "random" and section.arch
+    return resolve_checkpoint(
+        section.arch if random_arch else section.name,
+        weights=section.weights,
+        processor_overrides=section.processor,
+        seed=section.seed,
+    )
+
+
 def resolve_sam(config: JobConfig) -> Checkpoint:
     """The SAM checkpoint of ``sam`` (a second model in the same pass)."""
-    random_arch = config.sam.weights == "random" and config.sam.arch
-    return resolve_checkpoint(
-        config.sam.arch if random_arch else config.sam.name,
-        weights=config.sam.weights,
-        processor_overrides=config.sam.processor,
-        seed=config.sam.seed,
-    )
+    return _resolve(config.sam)
 
 
 def resolve_model(config: JobConfig) -> Checkpoint:
-    """The checkpoint of ``model``: with random weights and an ``arch``, the architecture preset."""
-    random_arch = config.model.weights == "random" and config.model.arch
-    return resolve_checkpoint(
-        config.model.arch if random_arch else config.model.name,
-        weights=config.model.weights,
-        processor_overrides=config.model.processor,
-        seed=config.model.seed,
-    )
+    """The checkpoint of ``model``."""
+    return _resolve(config.model)
 
 
 STAT_KEYS = (
