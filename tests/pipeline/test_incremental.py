@@ -176,3 +176,56 @@ def test_driver_killed_midway_resumes_exactly_once(siglip2_checkpoint, ray_local
     assert sorted(ids) == [r[0] for r in rows], "every row exactly once"
     assert not list(out.rglob(".tmp-*"))
     assert len(done_ids(locate(str(out)), include_errors=True)) == 400
+
+
+def _pids_of(marker: str) -> list[int]:
+    """Processes whose command line contains ``marker`` (Ray names actor processes ray::Class)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_encoder_actor_killed_midway_every_row_once(siglip2_checkpoint, ray_local, tmp_path):
+    import threading
+
+    photos = sample_photos(24, seed=9)
+    rows = [(f"r{i:04d}", photos[i % len(photos)][1]) for i in range(300)]
+    pq.write_table(
+        pa.table(
+            {"id": [r[0] for r in rows], "image": pa.array([r[1] for r in rows], pa.binary())}
+        ),
+        tmp_path / "in.parquet",
+        row_group_size=16,
+    )
+    out = tmp_path / "out"
+    result = {}
+
+    def run():
+        try:
+            result["summary"] = run_job(_config(tmp_path / "in.parquet", out, siglip2_checkpoint))
+        except Exception as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = []
+    deadline = time.time() + 240
+    while thread.is_alive() and not killed and time.time() < deadline:
+        if len(list((out / "embeddings").glob("part-*.parquet"))) >= 2:
+            for pid in _pids_of("MapBatches(EncodeStage)"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    thread.join(timeout=400)
+    assert killed, "the encoder actor was not found while the job ran"
+    assert "error" not in result, result.get("error")
+    summary = result["summary"]
+    assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (300, 300, 0)
+    ids = _table(out / "embeddings").column("id").to_pylist()
+    assert sorted(ids) == [r[0] for r in rows], "every row exactly once after the actor died"
