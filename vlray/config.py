@@ -72,6 +72,8 @@ class ModelConfig:
     dtype: str = "auto"
     """``auto`` (bf16 on GPU, fp32 on CPU), ``float32``, ``bfloat16`` or ``float16``."""
     seed: int = 0
+    store_tokens: bool = False
+    """Also write each image's merged-token matrix to ``tokens/`` (qwen2_vl)."""
 
 
 @dataclass(frozen=True)

@@ -59,3 +59,15 @@ MASKS_SCHEMA = pa.schema(
     ]
 )
 """``masks/*.parquet``: one row per mask, COCO RLE; ``point`` (automatic) or ``prompt_index``."""
+
+
+TOKENS_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("grid_h", pa.int32()),
+        ("grid_w", pa.int32()),
+        ("dim", pa.int32()),
+        ("tokens", pa.list_(pa.float32())),
+    ]
+)
+"""``tokens/*.parquet`` (``model.store_tokens``): merged tokens, row-major (grid_h * grid_w, dim)."""

@@ -74,3 +74,38 @@ def test_qwen2_vl_job_matches_reference(ray_local, tmp_path):
     assert searcher.by_id(photos[0][0], 3)[0]["id"] == photos[0][0]
     with pytest.raises(QueryError, match="no text tower"):
         searcher.by_text("a cat", 3)
+
+
+def test_qwen2_vl_store_tokens(ray_local, tmp_path):
+    import numpy as np
+
+    ckpt = save_tiny_qwen2_vl(tmp_path / "qwen")
+    photos = sample_photos(5, seed=12)
+    pq.write_table(
+        pa.table(
+            {"id": [n for n, _ in photos], "image": pa.array([b for _, b in photos], pa.binary())}
+        ),
+        tmp_path / "in.parquet",
+    )
+    out = tmp_path / "out"
+    overrides = {
+        "input": {"uri": str(tmp_path / "in.parquet")},
+        "output": {"uri": str(out)},
+        "model": {"name": str(ckpt), "store_tokens": True},
+    }
+    summary = run_job(build_config(None, overrides))
+    assert summary["embedded"] == 5
+    tokens = {
+        r["id"]: r for r in pq.read_table(next((out / "tokens").glob("*.parquet"))).to_pylist()
+    }
+    embedded = {
+        r["id"]: r["embedding"]
+        for r in pq.read_table(next((out / "embeddings").glob("*.parquet"))).to_pylist()
+    }
+    assert set(tokens) == set(embedded)
+    for row_id, row in tokens.items():
+        matrix = np.asarray(row["tokens"], np.float32).reshape(
+            row["grid_h"] * row["grid_w"], row["dim"]
+        )
+        mean = matrix.mean(0)
+        assert np.allclose(mean / np.linalg.norm(mean), embedded[row_id], atol=1e-5)

@@ -128,6 +128,7 @@ def _encode(ds: Any, config: JobConfig, checkpoint: Checkpoint, stages: StagePla
             "dtype": config.model.dtype,
             "max_group_size": config.compute.max_group_size,
             "threads": stages.encode_threads,
+            "store_tokens": config.model.store_tokens,
         },
         batch_size=config.compute.encode_batch_size,
         batch_format="numpy",
@@ -397,6 +398,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         sam_checkpoint = resolve_sam(config)
         if family_for(sam_checkpoint).produces_embeddings:
             raise CheckpointError(f"sam.name {config.sam.name!r} is not a SAM checkpoint")
+    if config.model.store_tokens and (checkpoint is None or family.name != "qwen2_vl"):
+        raise CheckpointError(f"model.store_tokens: {family.name} models have no token matrix")
     dim = _embedding_dim(checkpoint) if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)

@@ -22,7 +22,7 @@ from vlray.families import Checkpoint, UnsupportedImage, family_for
 from vlray.ops.decode import DecodeError, decode_image, probe_image
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.sources import ReadTask, read_task_rows
-from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, embeddings_schema
+from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, TOKENS_SCHEMA, embeddings_schema
 from vlray.storage import Location, fetch_bytes, scrub, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
@@ -160,7 +160,13 @@ class EncodeStage:
     """
 
     def __init__(
-        self, checkpoint: Checkpoint, device: str, dtype: str, max_group_size: int, threads: int
+        self,
+        checkpoint: Checkpoint,
+        device: str,
+        dtype: str,
+        max_group_size: int,
+        threads: int,
+        store_tokens: bool = False,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
@@ -169,6 +175,11 @@ class EncodeStage:
         self.dtype = resolve_dtype(dtype, self.device)
         self.encoder = self.family.load_encoder(self.device, self.dtype)
         self.max_group_size = max_group_size
+        self.store_tokens = store_tokens
+        if store_tokens and not hasattr(self.encoder, "merged_tokens"):
+            raise ValueError(
+                f"model.store_tokens: the {self.family.name} encoder has no token matrix"
+            )
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -177,6 +188,8 @@ class EncodeStage:
         stages = batch["stage"].astype(object)
         embeddings = np.zeros((n, self.encoder.dim), dtype=np.float32)
         group_size = np.zeros(n, dtype=np.int32)
+        tokens = np.full(n, b"", dtype=object)
+        grids = np.zeros((n, 2), dtype=np.int32)
         ok = np.flatnonzero(errors == "")
         keys = batch["th"][ok].astype(np.int64) * 1_000_000 + batch["tw"][ok]
         for key in np.unique(keys):
@@ -197,7 +210,16 @@ class EncodeStage:
                     errors[group], stages[group] = one_line(exc), "preprocess"
                     continue
                 try:
-                    embeddings[group] = self.encoder.encode(inputs).numpy()
+                    if self.store_tokens:
+                        matrix = self.encoder.merged_tokens(inputs).float().cpu()
+                        vectors = torch.nn.functional.normalize(matrix.mean(dim=1), dim=-1)
+                        embeddings[group] = vectors.numpy()
+                        cell = self.family.patch_size * self.family.merge_size
+                        for j, i in enumerate(group):
+                            tokens[i] = matrix[j].numpy().tobytes()
+                            grids[i] = (th // cell, tw // cell)
+                    else:
+                        embeddings[group] = self.encoder.encode(inputs).numpy()
                     group_size[group] = len(group)
                 except torch.cuda.OutOfMemoryError:
                     raise
@@ -212,6 +234,8 @@ class EncodeStage:
             batch_rows=np.full(n, n, dtype=np.int32),
             encode_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
         )
+        if self.store_tokens:
+            out.update(tokens=tokens, token_grid=grids)
         return out
 
 
@@ -377,6 +401,22 @@ def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
     return pa.table(cols, schema=MASKS_SCHEMA)
 
 
+def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.Table:
+    """``TOKENS_SCHEMA`` rows for the rows selected by ``ok``."""
+    matrices = [np.frombuffer(blob, np.float32) for blob in batch["tokens"][ok]]
+    grids = batch["token_grid"][ok]
+    return pa.table(
+        {
+            "id": pa.array(batch["id"][ok].astype(str)),
+            "grid_h": pa.array(grids[:, 0], pa.int32()),
+            "grid_w": pa.array(grids[:, 1], pa.int32()),
+            "dim": pa.array(np.full(len(matrices), dim, dtype=np.int32)),
+            "tokens": pa.array(matrices, pa.list_(pa.float32())),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+
+
 class WriteStage:
     """Writes the batch's masks, embeddings and errors files (each atomically), returns counts.
 
@@ -426,6 +466,10 @@ class WriteStage:
                 schema=self.schema,
             )
             write_parquet_atomic(self.output.join("embeddings", name), table)
+        if "tokens" in batch and n_ok:
+            write_parquet_atomic(
+                self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
+            )
         if n_err:
             table = pa.table(
                 {
