@@ -38,6 +38,25 @@ class _SortedIds:
         return self._values[i].as_py()
 
 
+class IdLookup:
+    """id -> row of an Arrow string array: one Arrow sort, then binary search per lookup."""
+
+    def __init__(self, ids: pa.Array) -> None:
+        order = pc.sort_indices(ids)
+        self._sorted = _SortedIds(ids.take(order))
+        self._order = order.to_numpy()
+
+    def __len__(self) -> int:
+        return len(self._sorted)
+
+    def find(self, id: str) -> int | None:
+        """The row of ``id`` in the original array, or None."""
+        i = bisect.bisect_left(self._sorted, id)
+        if i < len(self._sorted) and self._sorted[i] == id:
+            return int(self._order[i])
+        return None
+
+
 class SearchIndex:
     """An inner-product FAISS index with its id mapping and manifest.
 
@@ -50,8 +69,7 @@ class SearchIndex:
         self._ids = ids  # position -> id, Arrow large_string
         self._manifest = manifest
         self.load_seconds = load_seconds
-        # (sorted ids, sorted rank -> position), built on first use; set in one assignment
-        self._lookup: tuple[_SortedIds, np.ndarray] | None = None
+        self._lookup: IdLookup | None = None  # built on first use, set in one assignment
         self._lookup_lock = threading.Lock()
         self._reconstruct_ready = False
 
@@ -151,14 +169,9 @@ class SearchIndex:
         if lookup is None:
             with self._lookup_lock:  # first calls from several threads build it once
                 if self._lookup is None:
-                    order = pc.sort_indices(self._ids)
-                    self._lookup = (_SortedIds(self._ids.take(order)), order.to_numpy())
+                    self._lookup = IdLookup(self._ids)
                 lookup = self._lookup
-        ids, order = lookup
-        i = bisect.bisect_left(ids, id)
-        if i < len(ids) and ids[i] == id:
-            return int(order[i])
-        return None
+        return lookup.find(id)
 
     def vector(self, id: str) -> np.ndarray | None:
         """The stored vector for ``id`` (float32 (dim,)), or None for an unknown id.

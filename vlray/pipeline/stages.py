@@ -19,7 +19,7 @@ import torch
 
 from vlray.config import InputConfig, S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
-from vlray.ops.decode import DecodeError, decode_image, probe_image
+from vlray.ops.decode import DecodeError, decode_image
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.sources import ReadTask, read_task_rows
 from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, TOKENS_SCHEMA, embeddings_schema
@@ -98,8 +98,9 @@ class DecodeStage:
     def _one(self, data: bytes, row: dict[str, Any]) -> tuple[str, str]:
         """Decodes ``data`` into ``row``; returns (error, stage), empty when fine."""
         try:
-            row["width"], row["height"] = probe_image(data, self.max_pixels)
+            # decode_image probes the header (pixel limit) before decoding: no second open
             pixels = decode_image(data, max_pixels=self.max_pixels)
+            row["height"], row["width"] = pixels.shape[:2]
         except DecodeError as exc:
             return one_line(exc), "decode"
         for prefix, family in self.families:

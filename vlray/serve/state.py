@@ -7,7 +7,6 @@ and never makes a request fail: the old snapshot stays alive until its last requ
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import logging
@@ -20,12 +19,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
 from vlray.index.build import MANIFEST_FILE
+from vlray.index.search import IdLookup
 from vlray.ops.decode import decode_image
 from vlray.ops.resize import resize_uint8
 from vlray.query import QueryError, Searcher
@@ -42,44 +41,32 @@ def thumbnail_name(item_id: str) -> str:
     return hashlib.sha1(item_id.encode("utf-8")).hexdigest() + ".jpg"
 
 
-class _SortedStrings:
-    """Sequence view of a sorted Arrow string array, for :mod:`bisect` (no Python strings)."""
-
-    def __init__(self, values: pa.Array) -> None:
-        self._values = values
-
-    def __len__(self) -> int:
-        return len(self._values)
-
-    def __getitem__(self, i: int) -> str:
-        return self._values[i].as_py()
-
-
 class ItemSizes:
-    """id -> (width, height) from the job's ``embeddings/*.parquet`` (sorted Arrow columns)."""
+    """id -> (width, height) from the job's ``embeddings/*.parquet`` (Arrow columns)."""
 
     def __init__(self, table: pa.Table | None) -> None:
         if table is None or table.num_rows == 0:
-            self._ids = _SortedStrings(pa.array([], pa.large_string()))
-            self._width = np.zeros(0, np.int64)
-            self._height = np.zeros(0, np.int64)
-            return
-        ids = table.column("id").cast(pa.large_string()).combine_chunks()
-        order = pc.sort_indices(ids)
-        self._ids = _SortedStrings(ids.take(order))
-        self._width = table.column("width").combine_chunks().take(order).fill_null(-1).to_numpy()
-        self._height = table.column("height").combine_chunks().take(order).fill_null(-1).to_numpy()
+            table = pa.table(
+                {
+                    "id": pa.array([], pa.large_string()),
+                    "width": pa.array([], pa.int64()),
+                    "height": pa.array([], pa.int64()),
+                }
+            )
+        self._ids = IdLookup(table.column("id").cast(pa.large_string()).combine_chunks())
+        self._width = table.column("width").combine_chunks().fill_null(-1).to_numpy()
+        self._height = table.column("height").combine_chunks().fill_null(-1).to_numpy()
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def get(self, item_id: str) -> tuple[int | None, int | None]:
         """(width, height) of an item, (None, None) when unknown."""
-        i = bisect.bisect_left(self._ids, item_id)
-        if i < len(self._ids) and self._ids[i] == item_id:
-            w, h = int(self._width[i]), int(self._height[i])
-            return (w if w >= 0 else None, h if h >= 0 else None)
-        return None, None
+        i = self._ids.find(item_id)
+        if i is None:
+            return None, None
+        w, h = int(self._width[i]), int(self._height[i])
+        return (w if w >= 0 else None, h if h >= 0 else None)
 
     @classmethod
     def load(cls, folder: Location) -> ItemSizes:
