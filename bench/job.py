@@ -28,7 +28,7 @@ from PIL import Image
 
 from vlray.config import build_config
 from vlray.families import family_for, resolve_checkpoint
-from vlray.ops.decode import decode_image
+from vlray.ops.decode import decode_image, decode_rgb, rgb_pixels
 from vlray.ops.resize import resize_uint8
 from vlray.testing.checkpoints import save_tiny_siglip2
 from vlray.testing.images import sample_photos
@@ -54,19 +54,31 @@ def make_parquet(path: Path, rows: int) -> None:
 
 
 def decode_limit(path: Path, family, seconds: float = 3.0, repeat: int = 3) -> float:
-    """Single-core PIL decode + uint8 resize rate: best of ``repeat`` windows of ``seconds``."""
+    """Single-core PIL decode + uint8 resize rate: best of ``repeat`` windows of ``seconds``,
+    and the better of two decode paths (so the limit is never flattering): the plain one
+    (``decode_image``: PIL decode, packed RGB array) and vlray's (``decode_rgb`` + a view of
+    PIL's RGBX buffer, no pack copy)."""
     blobs = pq.read_table(path).column("image").to_pylist()[:200]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+
+    def plain(blob):
+        img = decode_image(blob, max_pixels=10**9)
+        resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+
+    def viewed(blob):
+        img = rgb_pixels(decode_rgb(blob, max_pixels=10**9))
+        resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+
     best = 0.0
     for _ in range(repeat):
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / repeat:
-            for blob in blobs[:50]:
-                img = decode_image(blob, max_pixels=10**9)
-                resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
-                n += 1
-        best = max(best, n / (time.perf_counter() - start))
+        for one in (plain, viewed):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / repeat / 2:
+                for blob in blobs[:50]:
+                    one(blob)
+                    n += 1
+            best = max(best, n / (time.perf_counter() - start))
     torch.set_num_threads(threads)
     return best
 
@@ -124,7 +136,7 @@ def hand_written(path: Path, ckpt: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def vlray_job(path: Path, ckpt: Path, out: Path) -> dict:
+def vlray_job(path: Path, ckpt: Path, out: Path, fuse: str = "auto") -> dict:
     from vlray.pipeline.job import run_job
 
     config = build_config(
@@ -134,6 +146,7 @@ def vlray_job(path: Path, ckpt: Path, out: Path) -> dict:
             "output": {"uri": str(out)},
             "model": {"name": str(ckpt)},
             "index": {"enabled": False},
+            "compute": {"fuse": fuse},
         },
     )
     summary = run_job(config)
@@ -151,6 +164,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeat", type=int, default=2, help="runs per size; min time kept")
     parser.add_argument("--quick", action="store_true", help="N = 150, one run per size")
+    parser.add_argument(
+        "--separate", action="store_true", help="also run vlray with compute.fuse=off"
+    )
     args = parser.parse_args()
     if args.quick:
         args.rows, args.repeat = 150, 1
@@ -172,11 +188,26 @@ def main() -> None:
     loop = max(loops.values())
     loads["after loop"] = benchutil.load()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+    # one untimed run each first: the first Ray Data job of a session pays one-off costs
+    # (worker processes, imports from a cold page cache) that later runs do not
+    vlray_job(small, ckpt, tmp / "warm")
+    hand_written(small, ckpt, tmp / "warm-hand")
     runs1 = [vlray_job(small, ckpt, tmp / f"o1-{i}") for i in range(args.repeat)]
     runs3 = [vlray_job(large, ckpt, tmp / f"o3-{i}") for i in range(args.repeat)]
     s1 = min(runs1, key=lambda s: s["job_seconds"])
     s3 = min(runs3, key=lambda s: s["job_seconds"])
     ours = steady(n, s1["job_seconds"], s3["job_seconds"])
+    separate = None
+    if args.separate:  # the same job with separate decode and encoder actors (compute.fuse off)
+        u1 = min(
+            vlray_job(small, ckpt, tmp / f"u1-{i}", "off")["job_seconds"]
+            for i in range(args.repeat)
+        )
+        u3 = min(
+            vlray_job(large, ckpt, tmp / f"u3-{i}", "off")["job_seconds"]
+            for i in range(args.repeat)
+        )
+        separate = (steady(n, u1, u3), u1, u3)
     loads["after vlray"] = benchutil.load()
     h1 = min(hand_written(small, ckpt, tmp / f"h1-{i}") for i in range(args.repeat))
     h3 = min(hand_written(large, ckpt, tmp / f"h3-{i}") for i in range(args.repeat))
@@ -212,6 +243,11 @@ def main() -> None:
         f"vlray job               {ours:8.0f} img/s steady (t(N) {s1['job_seconds']:.1f} s, "
         f"t(3N) {s3['job_seconds']:.1f} s)"
     )
+    if separate:
+        print(
+            f"vlray, fuse off         {separate[0]:8.0f} img/s steady (t(N) {separate[1]:.1f} s, "
+            f"t(3N) {separate[2]:.1f} s; separate decode and encoder actors)"
+        )
     ok = (
         ours / limit >= TARGET_LIMIT
         and ours / loop >= TARGET_BASELINES
@@ -234,6 +270,7 @@ def main() -> None:
             "loop_by_threads": loops,
             "hand_img_s": hand,
             "vlray_img_s": ours,
+            "vlray_fuse_off_img_s": separate and separate[0],
             "vlray_over_limit": ours / limit,
             "vlray_over_loop": ours / loop,
             "vlray_over_hand": ours / hand,

@@ -20,7 +20,8 @@ import torch
 from PIL import Image
 
 from vlray.families import family_for, resolve_checkpoint
-from vlray.ops.decode import decode_image
+from vlray.families.batch import preprocess_images
+from vlray.ops.decode import decode_image, rgb_pixels
 from vlray.ops.resize import resize_uint8
 from vlray.testing.images import sample_photos
 
@@ -47,17 +48,18 @@ def stack(groups):
     return [torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) for arrays in groups.values()]
 
 
-def vlray_preprocess(family, images):
-    """The whole vlray path: resize in uint8 per image, then one tensor op per same-shape group."""
-    return [family.preprocess(batch) for batch in stack(group_resize(family, images))]
+def vlray_preprocess(family, pils, pool=None):
+    """The whole vlray path from the same PIL images as the reference: uint8 resize per image
+    (over ``pool``'s threads), then one tensor op per same-shape group."""
+    return [inputs for _, inputs in preprocess_images(family, pils, pool)]
 
 
-def parity(name, family, ref, images, pils, sample=16):
+def parity(name, family, ref, pils, sample=16):
     """Max |diff| of vlray's model inputs vs the reference's, image by image."""
     worst = 0.0
-    for image, p in list(zip(images, pils, strict=True))[:sample]:
+    for p in pils[:sample]:
         expected = ref(images=[p], return_tensors="pt")["pixel_values"]
-        got = vlray_preprocess(family, [image])[0]["pixel_values"]
+        got = vlray_preprocess(family, [p])[0]["pixel_values"]
         if name == "siglip2":  # the reference pads to max_num_patches; vlray does not pad
             expected = expected[:, : got.shape[1]]
         if expected.shape != got.shape:
@@ -66,8 +68,10 @@ def parity(name, family, ref, images, pils, sample=16):
     return worst
 
 
-def breakdown(family, images, repeat):
+def breakdown(family, pils, repeat):
     """Seconds per part of vlray's path, best of ``repeat`` each."""
+    images = [rgb_pixels(p) for p in pils]  # PIL's RGBX buffers, viewed (what vlray resizes)
+    rgb = [np.asarray(p) for p in pils]  # packed RGB copies, for the 3-channel what-if
     t_size, _ = benchutil.best_of(
         lambda: [family.target_size(*i.shape[:2]) for i in images], repeat
     )
@@ -78,8 +82,12 @@ def breakdown(family, images, repeat):
         ],
         repeat,
     )
+    t_resize_rgb, _ = benchutil.best_of(
+        lambda: [resize_uint8(i, s, family.interpolation) for i, s in zip(rgb, sizes, strict=True)],
+        repeat,
+    )
     # the same resize on a contiguous CHW copy (what a naive caller passes torchvision)
-    chws = [torch.from_numpy(i).permute(2, 0, 1).contiguous() for i in images]
+    chws = [torch.from_numpy(i).permute(2, 0, 1).contiguous() for i in rgb]
     from torchvision.transforms.v2 import functional as tvF
 
     t_resize_chw, _ = benchutil.best_of(
@@ -127,6 +135,7 @@ def breakdown(family, images, repeat):
         "target_size": t_size,
         "resize": t_resize,
         "resize_contiguous_chw": t_resize_chw,
+        "resize_rgb_hwc": t_resize_rgb,
         "stack": t_stack,
         "preprocess": t_pre,
         "resize_pool2": t_resize_pool,
@@ -213,6 +222,8 @@ def main() -> None:
     n = len(images)
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
+        # vlray spreads the per-image resizes over the same number of threads
+        pool = ThreadPoolExecutor(threads) if threads > 1 else None
         print(f"\n-- torch threads {threads} ({benchutil.load()})")
         print(
             f"{'family':9s} {'ref tv':>9s} {'ref PIL':>9s} {'vlray':>9s} {'vs tv':>7s} "
@@ -227,10 +238,12 @@ def main() -> None:
                 lambda pil=pil: pil(images=pils, return_tensors="pt"), args.ref_repeat
             )
             t_ours, _ = benchutil.best_of(
-                lambda family=family: vlray_preprocess(family, images), args.repeat, warmup=1
+                lambda family=family, pool=pool: vlray_preprocess(family, pils, pool),
+                args.repeat,
+                warmup=1,
             )
-            worst = parity(name, family, ref, images, pils)
-            worst_pil = parity(name, family, pil, images, pils)
+            worst = parity(name, family, ref, pils)
+            worst_pil = parity(name, family, pil, pils)
             ratio_tv, ratio_pil = t_ref / t_ours, t_pil / t_ours
             verdict = "meets" if min(ratio_tv, ratio_pil) >= TARGET else "MISSES"
             print(
@@ -238,8 +251,8 @@ def main() -> None:
                 f"{ratio_tv:6.1f}x {ratio_pil:6.1f}x {verdict:>7s}  {worst:.2g} "
                 f"(vs PIL backend {worst_pil:.2g})"
             )
-            parts = breakdown(family, images, args.repeat)
-            ops = top_ops(family, images)
+            parts = breakdown(family, pils, args.repeat)
+            ops = top_ops(family, [rgb_pixels(p) for p in pils])
             parts_lines.append((name, parts, t_ours, ops))
             if threads == 1:
                 ref_ops.append((name, family, top_ops_ref(ref, pils), None))
@@ -267,7 +280,8 @@ def main() -> None:
             shares = "  ".join(f"{k} {1e3 * p[k]:6.1f} ({100 * p[k] / total:3.0f}%)" for k in keys)
             print(
                 f"  {name:9s} {shares}  | whole {1e3 * t_ours:6.1f}; resize on contiguous "
-                f"CHW {1e3 * p['resize_contiguous_chw']:6.1f}; {p['groups']} groups; "
+                f"CHW {1e3 * p['resize_contiguous_chw']:6.1f}; from packed RGB "
+                f"{1e3 * p['resize_rgb_hwc']:6.1f}; {p['groups']} groups; "
                 f"{p['no_resize_needed']} images need no resize"
             )
             print(f"  {'':9s} preprocess top ops: {ops}")

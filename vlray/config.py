@@ -120,6 +120,9 @@ class ComputeConfig:
     """CPUs of a local Ray started for the run (0: all)."""
     torch_threads: int = 0
     """Intra-op threads of the encoder on CPU (0: the CPUs reserved for it)."""
+    fuse: str = "auto"
+    """Decode and encode in the same actors: "on", "off", or "auto" (on when the encoder runs
+    on CPU: both stages share the same cores, and a separate encoder only adds a hop)."""
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,8 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"sam.mode: {config.sam.mode!r} is not auto/automatic/prompted")
     if config.sam.weights not in ("pretrained", "random"):
         problems.append(f"sam.weights: {config.sam.weights!r} is not 'pretrained' or 'random'")
+    if config.compute.fuse not in ("auto", "on", "off"):
+        problems.append(f"compute.fuse: {config.compute.fuse!r} is not auto/on/off")
     if config.output.dtype not in ("float32", "float16"):
         problems.append(f"output.dtype: {config.output.dtype!r} is not float32 or float16")
     for section, name in (

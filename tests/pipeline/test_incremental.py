@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -191,8 +192,8 @@ def _pids_of(marker: str) -> list[int]:
     return pids
 
 
-def _run_and_kill_encoder(model, tmp_path, n_rows):
-    """Runs the job in a thread and SIGKILLs the encoder actor's process while it works."""
+def _run_and_kill_encoder(model, tmp_path, n_rows, fuse):
+    """Runs the job in a thread and SIGKILLs the encoder actors' processes while they work."""
     import threading
 
     photos = sample_photos(24, seed=9)
@@ -209,7 +210,9 @@ def _run_and_kill_encoder(model, tmp_path, n_rows):
 
     def run():
         try:
-            result["summary"] = run_job(_config(tmp_path / "in.parquet", out, model))
+            config = _config(tmp_path / "in.parquet", out, model)
+            config = replace(config, compute=replace(config.compute, fuse=fuse))
+            result["summary"] = run_job(config)
         except Exception as exc:  # surfaced by the caller's assertion
             result["error"] = exc
 
@@ -217,7 +220,9 @@ def _run_and_kill_encoder(model, tmp_path, n_rows):
     thread.start()
     killed, seen = [], None
     while thread.is_alive() and not killed:
-        pids = _pids_of("MapBatches(EncodeStage)")
+        pids = _pids_of(
+            "MapBatches(DecodeEncodeStage)" if fuse == "on" else "MapBatches(EncodeStage)"
+        )
         seen = seen or (time.time() if pids else None)
         # kill once the actor has had time to load and take work, or at the first commit
         if pids and (any((out / "embeddings").glob("part-*.parquet")) or time.time() - seen > 2):
@@ -229,13 +234,15 @@ def _run_and_kill_encoder(model, tmp_path, n_rows):
     return rows, out, killed, result
 
 
-def test_encoder_actor_killed_midway_every_row_once(siglip2_checkpoint, ray_local, tmp_path):
+@pytest.mark.parametrize("fuse", ["off", "on"])
+def test_encoder_actor_killed_midway_every_row_once(siglip2_checkpoint, ray_local, tmp_path, fuse):
+    """Separate encoder actors (fuse off) or the fused decode+encode actors (fuse on)."""
     for attempt, n_rows in enumerate(
         (900, 2700)
     ):  # a second, longer run if the first was too quick
         (tmp_path / str(attempt)).mkdir()
         rows, out, killed, result = _run_and_kill_encoder(
-            siglip2_checkpoint, tmp_path / str(attempt), n_rows
+            siglip2_checkpoint, tmp_path / str(attempt), n_rows, fuse
         )
         if killed:
             break

@@ -123,6 +123,36 @@ def test_embeddings_match_reference(mixed_parquet, mixed_run, siglip2_checkpoint
         assert float(torch.tensor(rows[name]) @ ref) >= 0.999, name
 
 
+def test_separate_stages_give_the_same_rows(mixed_parquet, mixed_run, siglip2_checkpoint, tmp_path):
+    """compute.fuse off (decode actors -> encoder actor) vs the CPU default (fused actors)."""
+    folder, *_ = mixed_parquet
+    summary, out = mixed_run
+    assert summary["resources"]["fused"] is True  # the default on a CPU-only cluster
+    config = _config(
+        folder,
+        tmp_path / "separate",
+        siglip2_checkpoint,
+        input={"max_pixels": 20_000_000},
+        compute={"fuse": "off"},
+        index={"enabled": False},
+    )
+    separate = run_job(config)
+    assert separate["resources"]["fused"] is False and separate["resources"]["encode_actors"] >= 1
+    for key in ("rows_in", "embedded", "errors", "errors_by_stage"):
+        assert separate[key] == summary[key], key
+    fused = {r["id"]: r["embedding"] for r in _read(out / "embeddings").to_pylist()}
+    other = {
+        r["id"]: r["embedding"] for r in _read(tmp_path / "separate" / "embeddings").to_pylist()
+    }
+    assert fused.keys() == other.keys()
+    for key, vector in fused.items():
+        assert np.allclose(vector, other[key], atol=1e-5), key
+    errors = _read(tmp_path / "separate" / "errors").to_pydict()
+    assert sorted(zip(errors["id"], errors["stage"], strict=True)) == sorted(
+        zip(*[_read(out / "errors").column(c).to_pylist() for c in ("id", "stage")], strict=True)
+    )
+
+
 def test_index_and_queries(mixed_run):
     import faiss
 

@@ -8,21 +8,46 @@ from vlray.config import ComputeConfig
 from vlray.pipeline.resources import plan_resources
 
 
+@pytest.mark.parametrize("fuse", ["auto", "on", "off"])
 @pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
 @pytest.mark.parametrize("gpus", [0, 1, 4])
 @pytest.mark.parametrize("models", [1, 2])
-def test_plan_fits_the_cluster(cpus, gpus, models):
-    plan = plan_resources(ComputeConfig(), {"CPU": cpus, "GPU": gpus}, models)
+def test_plan_fits_the_cluster(cpus, gpus, models, fuse):
+    plan = plan_resources(ComputeConfig(fuse=fuse), {"CPU": cpus, "GPU": gpus}, models)
     reserved = (
         plan.decode_actors * plan.decode_cpus
         + models * plan.encode_actors * plan.encode_cpus
         + 2 * plan.io_cpus
     )
     assert reserved <= cpus + 1e-9 or cpus < 1.5  # a 1-CPU box oversubscribes a sliver only
-    assert models * plan.encode_actors * plan.encode_gpus <= max(gpus, 0) + 1e-9
+    gpu_actors = plan.decode_actors if plan.fused else models * plan.encode_actors
+    assert gpu_actors * plan.encode_gpus <= gpus + 1e-9
     assert plan.device == ("cuda" if gpus else "cpu")
+    # auto fuses decode and encode exactly when one model encodes on CPU
+    expected = models == 1 and (fuse == "on" or (fuse == "auto" and not gpus))
+    assert plan.fused == expected
+    # SAM alone is one model too, but has no embedding encoder to fuse
+    assert not plan_resources(
+        ComputeConfig(fuse=fuse), {"CPU": cpus, "GPU": gpus}, 1, fusable=False
+    ).fused
+    if plan.fused:
+        assert plan.encode_actors == 0 and plan.encode_threads == (2 if gpus else 1)
 
 
 def test_two_cores_get_two_decode_actors():
-    plan = plan_resources(ComputeConfig(), {"CPU": 2})
-    assert plan.decode_actors == 2 and plan.device == "cpu"
+    for fuse in ("auto", "off"):
+        plan = plan_resources(ComputeConfig(fuse=fuse), {"CPU": 2})
+        assert plan.decode_actors == 2 and plan.device == "cpu"
+
+
+def test_fused_actors_fit_in_memory():
+    """Every fused actor holds the model: big models on many-core CPU nodes get fewer actors,
+    each with more torch threads, so the copies stay within half the memory."""
+    gib = 1 << 30
+    small = plan_resources(ComputeConfig(), {"CPU": 64, "memory": 256 * gib}, 1, 100 << 20)
+    assert small.fused and small.decode_actors == 64 and small.encode_threads == 1
+    big = plan_resources(ComputeConfig(), {"CPU": 64, "memory": 64 * gib}, 1, 2 * gib)
+    assert big.fused and big.decode_actors == 8
+    assert big.decode_actors * 2 * 2 * gib <= 0.5 * 64 * gib
+    assert big.encode_threads == 8  # the CPUs are still all used
+    assert big.decode_actors * big.decode_cpus + 2 * big.io_cpus <= 64 + 1e-9

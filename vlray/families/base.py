@@ -11,6 +11,7 @@ A family is pure torch (no Ray). The pipeline only talks to this interface:
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -87,27 +88,68 @@ class Normalization:
     ) -> torch.Tensor:
         """``apply``, writing into ``out`` (a float32 tensor or view of ``images``' shape).
 
-        The uint8 -> float32 copy goes into a contiguous buffer first (one pass, whatever the
-        input's strides), then subtract and divide run in place: the same float32 operations as
-        the reference, so bit-identical values, at a fraction of the cost of strided arithmetic.
+        The same float32 operations as the reference (uint8 -> float32 copy, subtract, divide),
+        so bit-identical values, arranged for speed: the work runs in chunks along the first
+        axis small enough to stay in the CPU cache between the three passes (one pass over
+        memory instead of three), and when few elements follow the channel axis (channels
+        last) the statistics are repeated over them so the in-place arithmetic runs over long
+        contiguous rows instead of 3-element ones.
         """
-        shape = [1] * images.dim()
-        shape[channel_dim] = -1
         if out is None:
             out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
-        out.copy_(images)
+        channel_dim %= images.dim()
+        shift, scale, multiply = self._statistics(images, channel_dim)
+        rows = images.shape[0] if images.dim() else 1
+        per_row = images[0].numel() if images.dim() and rows else 1
+        step = max(1, _CHUNK_ELEMENTS // max(per_row, 1)) if images.device.type == "cpu" else rows
+        if channel_dim == 0:  # the statistics vary along the chunked axis: no chunking
+            step = rows
+        for s in range(0, rows, step):
+            chunk = out[s : s + step]
+            chunk.copy_(images[s : s + step])
+            if shift is not None:
+                chunk.sub_(shift)
+            if scale is not None:
+                chunk.mul_(scale) if multiply else chunk.div_(scale)
+        return out
+
+    def _statistics(
+        self, images: torch.Tensor, channel_dim: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | float | None, bool]:
+        """(shift, scale, multiply) broadcastable over ``images``: x -> (x - shift) / scale, or
+        x * scale when ``multiply`` (rescale only), with the reference's float32 constants."""
+        shape = [1] * (images.dim() - channel_dim)
+        shape[0] = -1
+        device = images.device
         if self.do_rescale and self.do_normalize:
             # The reference fuses rescale into mean/std: (x - mean/r) / (std/r), in float32.
-            mean = torch.tensor(self.mean, device=images.device) * (1.0 / self.rescale_factor)
-            std = torch.tensor(self.std, device=images.device) * (1.0 / self.rescale_factor)
-            return out.sub_(mean.view(shape)).div_(std.view(shape))
-        if self.do_normalize:
-            mean = torch.tensor(self.mean, device=images.device).view(shape)
-            std = torch.tensor(self.std, device=images.device).view(shape)
-            return out.sub_(mean).div_(std)
-        if self.do_rescale:
-            return out.mul_(self.rescale_factor)
-        return out
+            shift = torch.tensor(self.mean) * (1.0 / self.rescale_factor)
+            scale = torch.tensor(self.std) * (1.0 / self.rescale_factor)
+        elif self.do_normalize:
+            shift = torch.tensor(self.mean)
+            scale = torch.tensor(self.std)
+        elif self.do_rescale:
+            return None, self.rescale_factor, True
+        else:
+            return None, None, False
+        multiply = False
+        shift, scale = shift.to(device).view(shape), scale.to(device).view(shape)
+        if math.prod(images.shape[channel_dim + 1 :]) < _LONG_ROW:
+            # channels (nearly) last: materialize the statistics over the trailing axes, from
+            # the first axis after which at least _LONG_ROW elements follow
+            first = channel_dim
+            while first > 1 and math.prod(images.shape[first:]) < _LONG_ROW:
+                first -= 1
+            trailing = images.shape[first:]
+            shift = shift.expand(trailing).contiguous()
+            scale = scale.expand(trailing).contiguous()
+        return shift, scale, multiply
+
+
+# elements per normalization chunk (float32: 1 MiB, inside a typical L2 cache)
+_CHUNK_ELEMENTS = 1 << 18
+# below this many elements after the channel axis, the statistics are materialized
+_LONG_ROW = 64
 
 
 class ImageEncoder(ABC):

@@ -40,6 +40,14 @@ class Checkpoint:
     weights: str = "pretrained"
     seed: int = 0
 
+    def vision_bytes(self) -> int:
+        """Rough float32 size of the vision tower (12 * layers * width^2 parameters, the
+        attention and MLP weights of a transformer), for memory planning; 0 when unknown."""
+        vision = self.config.get("vision_config", self.config)
+        layers = vision.get("num_hidden_layers", vision.get("depth", 0)) or 0
+        width = vision.get("hidden_size", vision.get("embed_dim", 0)) or 0
+        return int(12 * layers * width * width * 4)
+
     @property
     def random_weights(self) -> bool:
         """True when outputs come from random weights (and must say so)."""

@@ -79,22 +79,24 @@ def smart_resize(
     return h_bar, w_bar
 
 
-def patchify(images: torch.Tensor, patch_size: int, merge_size: int) -> torch.Tensor:
+def patch_rows(images: torch.Tensor, patch_size: int, merge_size: int) -> torch.Tensor:
     """Hugging Face's Qwen2-VL patch order, for a whole same-shape group at once.
 
     Args:
         images: (B, C, H, W), any dtype; H and W multiples of ``patch_size * merge_size``.
 
     Returns:
-        (B * H/p * W/p, C, p, p): per image, patches ordered by merge block (block row, block
-        col, row in block, col in block); the images follow one another.
+        (B * H/(p*m), W/(p*m), m, m, C, p, p), a view where the layout allows (channels-last
+        input): per image, rows of merge blocks; flattening the leading five axes gives the
+        reference's patch order (block row, block col, row in block, col in block), the images
+        following one another.
     """
     b, c, h, w = images.shape
     p, m = patch_size, merge_size
-    gh, gw = h // p, w // p
-    patches = images.reshape(b, c, gh // m, m, p, gw // m, m, p)
+    bh, bw = h // (p * m), w // (p * m)
+    patches = images.reshape(b, c, bh, m, p, bw, m, p)
     # -> (b, block_h, block_w, m_h, m_w, c, py, px)
-    return patches.permute(0, 2, 5, 3, 6, 1, 4, 7).reshape(b * gh * gw, c, p, p)
+    return patches.permute(0, 2, 5, 3, 6, 1, 4, 7).reshape(b * bh, bw, m, m, c, p, p)
 
 
 def _vision_keys(folder: Path) -> dict[str, list[str]]:
@@ -326,15 +328,24 @@ class Qwen2VLFamily(Family):
             ``pixel_values`` float32 (B * H/p * W/p, 3 * temporal * p * p) on the images'
             device, and ``image_grid_thw`` int64 (B, 3) of rows (1, H/p, W/p).
         """
-        b, _, h, w = images.shape
+        b, c, h, w = images.shape
         if h % self.factor or w % self.factor:
             raise ValueError(f"group shape {h}x{w} is not a multiple of {self.factor}")
-        patches = patchify(images, self.patch_size, self.merge_size)  # uint8: 4x less to move
-        values = self.normalization.apply(patches, channel_dim=1).unsqueeze(2)
-        # Every image is its own 2-frame clip: (n, c, t, p, p), flattened in that order.
-        t = self.temporal_patch_size
-        pixel_values = values.expand(-1, -1, t, -1, -1).reshape(values.shape[0], -1)
-        grid = torch.tensor([[1, h // self.patch_size, w // self.patch_size]], dtype=torch.int64)
+        p, m, t = self.patch_size, self.merge_size, self.temporal_patch_size
+        source = patch_rows(images, p, m)  # uint8, a view of the group
+        rows, bw = source.shape[:2]
+        # Every image is its own t-frame clip: (patches, c, t, p, p), flattened in that order.
+        # Normalize straight into frame 0 and copy it to the others, a block row at a time
+        # (cache-sized), instead of patchify-copy + normalize + expand-copy of the whole group.
+        out = torch.empty((rows, bw, m, m, c, t, p, p), dtype=torch.float32, device=images.device)
+        step = max(1, (1 << 18) // max(source[0].numel(), 1))
+        for s in range(0, rows, step):
+            frames = out[s : s + step]
+            self.normalization.apply_into(source[s : s + step], frames[..., 0, :, :], channel_dim=4)
+            for frame in range(1, t):
+                frames[..., frame, :, :].copy_(frames[..., 0, :, :])
+        pixel_values = out.reshape(b * (h // p) * (w // p), c * t * p * p)
+        grid = torch.tensor([[1, h // p, w // p]], dtype=torch.int64)
         return {"pixel_values": pixel_values, "image_grid_thw": grid.expand(b, 3).contiguous()}
 
     def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:

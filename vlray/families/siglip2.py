@@ -50,14 +50,6 @@ def size_for_max_num_patches(
     return scaled(lo, height), scaled(lo, width)
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/p * W/p, p * p * C), patches row-major, each (py, px, c)."""
-    b, c, h, w = images.shape
-    nh, nw = h // patch_size, w // patch_size
-    patches = images.reshape(b, c, nh, patch_size, nw, patch_size)
-    return patches.permute(0, 2, 4, 3, 5, 1).reshape(b, nh * nw, patch_size * patch_size * c)
-
-
 class Siglip2ImageEncoder(ImageEncoder):
     """The SigLIP2 vision tower, run on unpadded same-shape groups without an attention mask.
 
@@ -134,18 +126,20 @@ class Siglip2Family(Family):
     def preprocess(self, images: torch.Tensor, pad: bool = False) -> dict[str, torch.Tensor]:
         """uint8 (B, 3, H, W) -> pixel_values float32 (B, H/p*W/p, p*p*3) and spatial_shapes.
 
-        Patchifies in uint8 first (4x less data to permute), then normalizes with channels last,
-        which is the same arithmetic per element as the reference.
+        Normalizes straight from a patch-ordered view of the uint8 group into the output
+        layout, with the same float32 arithmetic per element as the reference.
 
         Args:
             images: uint8 (B, 3, H, W), values in [0, 255], one target shape.
             pad: also pad to ``max_num_patches`` and return ``pixel_attention_mask``, exactly
                 like the reference's output (for parity checks; the encoder does not need it).
         """
-        b, _, h, w = images.shape
+        b, c, h, w = images.shape
         p = self.patch_size
-        patches = patchify(images, p).reshape(b, -1, p * p, 3)
-        values = self.normalization.apply(patches, channel_dim=3).reshape(b, -1, p * p * 3)
+        # (b, nh, nw, py, px, c): a view of the uint8 group; normalized straight into the
+        # patch layout (the uint8 -> float32 copy does the reordering)
+        patches = images.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 3, 5, 1)
+        values = self.normalization.apply(patches, channel_dim=5).reshape(b, -1, p * p * c)
         n = values.shape[1]
         shapes = torch.tensor([[h // p, w // p]] * b, dtype=torch.int64)
         out = {"pixel_values": values, "spatial_shapes": shapes}

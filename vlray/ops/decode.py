@@ -11,6 +11,7 @@ import io
 import re
 
 import numpy as np
+import pyarrow as pa
 from PIL import ExifTags, Image, UnidentifiedImageError
 
 # We run our own decompression-bomb check (``width * height > max_pixels``) on the
@@ -172,7 +173,66 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode == "RGB":
+        return img  # convert("RGB") would only copy it
     return img.convert("RGB")
+
+
+def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode encoded image bytes into an RGB PIL image (see :func:`decode_image`).
+
+    The same steps and errors as :func:`decode_image`; the pixels stay in PIL's own buffer
+    (4 bytes per pixel), which :func:`rgb_pixels` exposes without a copy.
+    """
+    _check_nonempty(data)
+    fmt: str | None = None
+    try:
+        with _open(data) as img:
+            fmt = img.format
+            _check_pixels(img.size, max_pixels)
+            # Read orientation from the header, as probe_image does, so both agree.
+            orientation = _orientation(img)
+            img.load()  # Full decode here, so truncation/corruption raises now.
+            frame: Image.Image = img
+            if orientation != 1:
+                # Same transposition table as PIL.ImageOps.exif_transpose.
+                frame = img.transpose(_TRANSPOSE[orientation])
+            rgb = _to_rgb(frame)
+            if rgb.mode != "RGB":
+                raise DecodeError(f"unexpected decoded mode {rgb.mode}")
+    except DecodeError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib...
+        raise _wrap(exc, fmt) from None
+    return rgb
+
+
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """The pixels of an RGB PIL image as uint8, without a copy where Pillow allows it.
+
+    PIL keeps RGB pixels as 4 bytes (R, G, B, pad); when the image is one contiguous block
+    (Pillow's Arrow export succeeds) the result is a read-only ``(H, W, 4)`` view of that buffer,
+    channels 0-2 being RGB (the resize kernels read it directly, without the RGB -> RGBA
+    unpacking they do for 3 channels). Otherwise it is an ``(H, W, 3)`` copy.
+    """
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode}")
+    width, height = image.size
+    try:
+        values = pa.array(image).buffers()[-1]
+    except (ValueError, TypeError, pa.ArrowException):  # several blocks, or no Arrow export
+        return np.asarray(image)
+    if values is None or values.size < width * height * 4:
+        return np.asarray(image)
+    return np.frombuffer(values, dtype=np.uint8, count=width * height * 4).reshape(height, width, 4)
+
+
+def large_pil_blocks(max_bytes: int = 1 << 30) -> None:
+    """Lets Pillow keep images up to ``max_bytes`` in one block, so :func:`rgb_pixels` can
+    view them without a copy (Pillow's default, 16 MiB, splits photos over ~4 MP). Process-wide:
+    call it in worker processes that own their Pillow allocations."""
+    if Image.core.get_block_size() < max_bytes:
+        Image.core.set_block_size(max_bytes)
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
@@ -204,25 +264,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         DecodeError: Empty, unrecognised, truncated or corrupt data, or more than
             ``max_pixels`` pixels. The message is a single short line.
     """
-    _check_nonempty(data)
-    fmt: str | None = None
-    try:
-        with _open(data) as img:
-            fmt = img.format
-            _check_pixels(img.size, max_pixels)
-            # Read orientation from the header, as probe_image does, so both agree.
-            orientation = _orientation(img)
-            img.load()  # Full decode here, so truncation/corruption raises now.
-            frame: Image.Image = img
-            if orientation != 1:
-                # Same transposition table as PIL.ImageOps.exif_transpose.
-                frame = img.transpose(_TRANSPOSE[orientation])
-            rgb = _to_rgb(frame)
-            arr = np.asarray(rgb, dtype=np.uint8)
-    except DecodeError:
-        raise
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib...
-        raise _wrap(exc, fmt) from None
+    arr = np.asarray(decode_rgb(data, max_pixels=max_pixels), dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise DecodeError(f"unexpected decoded shape {arr.shape}")
     return np.ascontiguousarray(arr)

@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 
 from vlray.config import JobConfig, ModelConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
+from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
-from vlray.pipeline.stages import DecodeStage, EncodeStage, MaskStage, ReadStage, WriteStage
+from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
 from vlray.storage import (
     Location,
     list_files,
@@ -77,6 +78,25 @@ def build_dataset(
         batch_format="numpy",
         **task_stage(stages.io_cpus),
     )
+    if stages.fused and checkpoint is not None and sam_checkpoint is None:
+        ds = ds.map_batches(
+            DecodeEncodeStage,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "max_pixels": config.input.max_pixels,
+                "s3": config.s3,
+                "device": stages.device,
+                "dtype": config.model.dtype,
+                "max_group_size": config.compute.max_group_size,
+                "threads": stages.encode_threads,
+                "store_tokens": config.model.store_tokens,
+            },
+            batch_size=config.compute.encode_batch_size,
+            batch_format="pyarrow",
+            zero_copy_batch=True,
+            **actor_stage(stages.decode_actors, stages.decode_cpus, stages.encode_gpus),
+        )
+        return _write(ds, config, output, stages, dim)
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={
@@ -106,13 +126,16 @@ def build_dataset(
             batch_format="numpy",
             **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
         )
-    ds = ds.map_batches(
+    return _write(ds, config, output, stages, dim)
+
+
+def _write(ds: Any, config: JobConfig, output: Location, stages: StagePlan, dim: int) -> Any:
+    return ds.map_batches(
         WriteStage(output, dim, config.output.dtype),
         batch_size=config.output.rows_per_file,
         batch_format="numpy",
         **task_stage(stages.io_cpus),
     )
-    return ds
 
 
 def _prompt_columns(config: JobConfig) -> tuple[str, ...]:
@@ -425,7 +448,14 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         if plan.tasks:
             ensure_ray(config)
             models = (checkpoint is not None) + (sam_checkpoint is not None)
-            stages = plan_resources(config.compute, ray.cluster_resources(), models)
+            model_bytes = checkpoint.vision_bytes() if checkpoint else 0
+            stages = plan_resources(
+                config.compute,
+                ray.cluster_resources(),
+                models,
+                model_bytes,
+                fusable=checkpoint is not None and sam_checkpoint is None,
+            )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for key in STAT_KEYS:

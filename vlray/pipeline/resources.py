@@ -24,6 +24,8 @@ class StagePlan:
     encode_threads: int
     device: str
     io_cpus: float = 0.1
+    fused: bool = False
+    """Decode and encode run in the same actors (``decode_actors`` of them)."""
 
 
 def _floor(value: float) -> float:
@@ -31,7 +33,13 @@ def _floor(value: float) -> float:
     return math.floor(value * 1000) / 1000
 
 
-def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: int = 1) -> StagePlan:
+def plan_resources(
+    compute: ComputeConfig,
+    cluster: dict[str, float],
+    models: int = 1,
+    model_bytes: int = 0,
+    fusable: bool = True,
+) -> StagePlan:
     """Splits the cluster between decode and encode actors.
 
     CPU-only: each encoder reserves one CPU and runs torch with that many threads; decode actors
@@ -42,6 +50,11 @@ def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: in
     cpus = float(cluster.get("CPU", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
     use_gpu = compute.num_gpus > 0 or (compute.num_gpus < 0 and gpus >= 1)
+    # fusable: one embedding model and no SAM (the fused actor decodes for one model)
+    fusable = fusable and models == 1
+    if fusable and (compute.fuse == "on" or (compute.fuse == "auto" and not use_gpu)):
+        memory = float(cluster.get("memory", 0.0))
+        return _fused_plan(compute, cpus, gpus if use_gpu else 0.0, memory, model_bytes)
     encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if use_gpu else 0.0
     if use_gpu and models > 1 and compute.num_gpus <= 0:
         encode_gpus /= models  # both models' actors share each GPU
@@ -66,6 +79,35 @@ def plan_resources(compute: ComputeConfig, cluster: dict[str, float], models: in
         encode_threads=threads,
         device="cuda" if use_gpu else "cpu",
         io_cpus=io_cpus,
+    )
+
+
+def _fused_plan(
+    compute: ComputeConfig, cpus: float, gpus: float, memory: float, model_bytes: int
+) -> StagePlan:
+    """One decode+encode actor per CPU (``decode_actors`` overrides), single-threaded torch,
+    a slice left for the read and write tasks. Each actor holds a copy of the model: when copies
+    for every CPU (x2 for activations) would pass half the cluster's memory, fewer actors run
+    with more torch threads each. With GPUs (``fuse: on``), at most as many actors as GPUs."""
+    io_cpus = 0.1
+    left = max(cpus - 2 * io_cpus, 0.25)
+    actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
+    if not compute.decode_actors and memory > 0 and model_bytes > 0:
+        actors = max(1, min(actors, int(0.5 * memory // (2 * model_bytes))))
+    encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if gpus else 0.0
+    if encode_gpus:
+        actors = max(1, min(actors, int(gpus // encode_gpus)))
+    per_actor = _floor(max(left / actors, 0.05))
+    return StagePlan(
+        decode_actors=actors,
+        decode_cpus=per_actor,
+        encode_actors=0,  # the decode actors encode
+        encode_cpus=0.0,
+        encode_gpus=encode_gpus,
+        encode_threads=compute.torch_threads or (2 if gpus else max(1, round(per_actor))),
+        device="cuda" if gpus else "cpu",
+        io_cpus=io_cpus,
+        fused=True,
     )
 
 

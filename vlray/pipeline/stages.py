@@ -1,4 +1,4 @@
-"""Ray Data stages: thin adapters from Arrow / NumPy batches to the pure code in vlray.
+"""Ray Data model stages: thin adapters from Arrow / NumPy batches to the pure code in vlray.
 
 Each stage turns per-row problems into ``error`` / ``stage`` values and passes them on, so a bad
 image never raises across a stage boundary and every input row reaches the writer exactly once.
@@ -6,7 +6,6 @@ image never raises across a stage boundary and every input row reaches the write
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -17,35 +16,14 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vlray.config import InputConfig, S3Config, SamConfig
+from vlray.config import S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
-from vlray.ops.decode import DecodeError, decode_image
+from vlray.ops.decode import DecodeError, decode_rgb, large_pil_blocks, rgb_pixels
 from vlray.ops.resize import resize_uint8
-from vlray.pipeline.sources import ReadTask, read_task_rows
-from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, TOKENS_SCHEMA, embeddings_schema
-from vlray.storage import Location, fetch_bytes, scrub, write_parquet_atomic
+from vlray.pipeline.files import one_line
+from vlray.storage import fetch_bytes, scrub
 
 logger = logging.getLogger(__name__)
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one short line, without a stack."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:300]
-
-
-class ReadStage:
-    """Read tasks (one Parquet row group or a chunk of files) -> rows in ``ROW_SCHEMA``."""
-
-    def __init__(
-        self, root: Location, config: InputConfig, prompt_columns: tuple[str, ...] = ()
-    ) -> None:
-        self.root, self.config, self.prompt_columns = root, config, prompt_columns
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
-        for task in batch["task"]:
-            task = task if isinstance(task, ReadTask) else ReadTask(**task)
-            yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
 
 
 HEADS = ("", "sam_")
@@ -67,6 +45,7 @@ class DecodeStage:
         sam_checkpoint: Checkpoint | None = None,
     ) -> None:
         torch.set_num_threads(1)
+        large_pil_blocks()
         self.families = [
             (prefix, family_for(c))
             for prefix, c in zip(HEADS, (checkpoint, sam_checkpoint), strict=True)
@@ -98,8 +77,9 @@ class DecodeStage:
     def _one(self, data: bytes, row: dict[str, Any]) -> tuple[str, str]:
         """Decodes ``data`` into ``row``; returns (error, stage), empty when fine."""
         try:
-            # decode_image probes the header (pixel limit) before decoding: no second open
-            pixels = decode_image(data, max_pixels=self.max_pixels)
+            # decode_rgb probes the header (pixel limit) before decoding: no second open;
+            # rgb_pixels views PIL's RGBX buffer (no copy; the resize prefers 4 channels)
+            pixels = rgb_pixels(decode_rgb(data, max_pixels=self.max_pixels))
             row["height"], row["width"] = pixels.shape[:2]
         except DecodeError as exc:
             return one_line(exc), "decode"
@@ -238,6 +218,35 @@ class EncodeStage:
         if self.store_tokens:
             out.update(tokens=tokens, token_grid=grids)
         return out
+
+
+class DecodeEncodeStage:
+    """:class:`DecodeStage` and :class:`EncodeStage` in one actor (``compute.fuse``).
+
+    On CPU both stages compete for the same cores; fused, each actor decodes a batch and encodes
+    it in place: no object-store hop for the resized pixels, one process per core instead of
+    decode and encoder processes time-sharing them. Same rows and columns out as the two stages.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        max_pixels: int,
+        s3: S3Config,
+        device: str,
+        dtype: str,
+        max_group_size: int,
+        threads: int,
+        store_tokens: bool = False,
+    ) -> None:
+        self.decode = DecodeStage(checkpoint, max_pixels, s3)
+        self.encode = EncodeStage(checkpoint, device, dtype, max_group_size, threads, store_tokens)
+
+    def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
+        table = self.decode(batch)
+        return self.encode(
+            {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+        )
 
 
 def _prompt_tensors(
@@ -383,126 +392,3 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-
-
-def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
-    """Per-row JSON lists of mask records -> one ``MASKS_SCHEMA`` row per mask."""
-    cols: dict[str, list] = {name: [] for name in MASKS_SCHEMA.names}
-    for row_id, text in zip(ids, masks, strict=True):
-        for rec in json.loads(text) if text else []:
-            cols["id"].append(str(row_id))
-            cols["mask_id"].append(rec["mask_id"])
-            cols["segmentation"].append(rec["segmentation"])
-            cols["bbox"].append(rec["bbox"])
-            cols["area"].append(rec["area"])
-            cols["predicted_iou"].append(rec["predicted_iou"])
-            cols["stability_score"].append(rec["stability_score"])
-            cols["point"].append(rec.get("point"))
-            cols["prompt_index"].append(rec.get("prompt_index"))
-    return pa.table(cols, schema=MASKS_SCHEMA)
-
-
-def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.Table:
-    """``TOKENS_SCHEMA`` rows for the rows selected by ``ok``."""
-    matrices = [np.frombuffer(blob, np.float32) for blob in batch["tokens"][ok]]
-    grids = batch["token_grid"][ok]
-    return pa.table(
-        {
-            "id": pa.array(batch["id"][ok].astype(str)),
-            "grid_h": pa.array(grids[:, 0], pa.int32()),
-            "grid_w": pa.array(grids[:, 1], pa.int32()),
-            "dim": pa.array(np.full(len(matrices), dim, dtype=np.int32)),
-            "tokens": pa.array(matrices, pa.list_(pa.float32())),
-        },
-        schema=TOKENS_SCHEMA,
-    )
-
-
-class WriteStage:
-    """Writes the batch's masks, embeddings and errors files (each atomically), returns counts.
-
-    Masks go first: a row counts as done once it is in ``embeddings/`` or ``errors/``, so a crash
-    between the files re-does the row rather than losing its masks.
-    """
-
-    def __init__(self, output: Location, dim: int, dtype: str) -> None:
-        self.output, self.dim, self.dtype = output, dim, dtype
-        self.schema = embeddings_schema(dim, dtype) if dim else None
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        errors = batch["error"].astype(str)
-        ok = errors == ""
-        # Named by content: a write task that Ray retries rewrites the same file, never a twin.
-        digest = hashlib.blake2b("\n".join(batch["id"].astype(str)).encode(), digest_size=12)
-        name = f"part-{digest.hexdigest()}.parquet"
-        n_ok = int(ok.sum())
-        n_err = len(errors) - n_ok
-        n_masks = 0
-        if "masks" in batch and n_ok:
-            table = masks_table(batch["id"][ok], batch["masks"][ok])
-            n_masks = table.num_rows
-            if n_masks:
-                write_parquet_atomic(self.output.join("masks", name), table)
-            if self.schema is None:  # SAM alone: a row with no mask is still done
-                done = pa.table(
-                    {
-                        "id": pa.array(batch["id"][ok].astype(str), pa.string()),
-                        "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
-                    }
-                )
-                write_parquet_atomic(self.output.join("segmented", name), done)
-        if n_ok and self.schema is not None:
-            emb = np.asarray(
-                batch["embedding"][ok], dtype=np.float16 if self.dtype == "float16" else np.float32
-            )
-            values = pa.array(emb.reshape(-1))
-            table = pa.table(
-                {
-                    "id": pa.array(batch["id"][ok].astype(str), pa.string()),
-                    "embedding": pa.FixedSizeListArray.from_arrays(values, self.dim),
-                    "width": pa.array(batch["width"][ok], pa.int32()),
-                    "height": pa.array(batch["height"][ok], pa.int32()),
-                },
-                schema=self.schema,
-            )
-            write_parquet_atomic(self.output.join("embeddings", name), table)
-        if "tokens" in batch and n_ok:
-            write_parquet_atomic(
-                self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
-            )
-        if n_err:
-            table = pa.table(
-                {
-                    "id": pa.array(batch["id"][~ok].astype(str)),
-                    "stage": pa.array(batch["stage"][~ok].astype(str)),
-                    "error": pa.array(errors[~ok]),
-                    "source": pa.array(batch["source"][~ok].astype(str)),
-                },
-                schema=ERRORS_SCHEMA,
-            )
-            write_parquet_atomic(self.output.join("errors", name), table)
-        stage_counts = {
-            s: int((batch["stage"][~ok].astype(str) == s).sum())
-            for s in ("read", "decode", "preprocess", "encode")
-        }
-        groups = batches = 0.0
-        if "group_size" in batch:
-            gs = batch["group_size"][ok].astype(np.float64)
-            groups = float((1.0 / gs).sum()) if n_ok else 0.0
-            batches = float((1.0 / batch["batch_rows"].astype(np.float64)).sum())
-        return {
-            "rows": np.array([len(errors)]),
-            "embedded": np.array([n_ok if self.schema is not None else 0]),
-            "segmented": np.array([n_ok if "masks" in batch else 0]),
-            "masks": np.array([n_masks]),
-            "errors": np.array([n_err]),
-            "groups": np.array([groups]),
-            "batches": np.array([batches]),
-            "decode_s": np.array([float(batch["decode_s"].sum())]),
-            "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
-            "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
-            "write_s": np.array([time.perf_counter() - start]),
-            "stage_counts": np.array([repr(stage_counts)]),
-            "file": np.array([name]),
-        }

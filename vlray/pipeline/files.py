@@ -1,0 +1,163 @@
+"""Ray Data stages that only move rows and files: read tasks and write tasks.
+
+Kept apart from the model stages (``vlray.pipeline.stages``) so that the worker processes running
+them import pyarrow only, not torch: read tasks are on the critical path at start-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from vlray.config import InputConfig
+from vlray.pipeline.sources import ReadTask, read_task_rows
+from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, TOKENS_SCHEMA, embeddings_schema
+from vlray.storage import Location, write_parquet_atomic
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one short line, without a stack."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+class ReadStage:
+    """Read tasks (one Parquet row group or a chunk of files) -> rows in ``ROW_SCHEMA``."""
+
+    def __init__(
+        self, root: Location, config: InputConfig, prompt_columns: tuple[str, ...] = ()
+    ) -> None:
+        self.root, self.config, self.prompt_columns = root, config, prompt_columns
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Any:
+        for task in batch["task"]:
+            task = task if isinstance(task, ReadTask) else ReadTask(**task)
+            yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
+
+
+def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
+    """Per-row JSON lists of mask records -> one ``MASKS_SCHEMA`` row per mask."""
+    cols: dict[str, list] = {name: [] for name in MASKS_SCHEMA.names}
+    for row_id, text in zip(ids, masks, strict=True):
+        for rec in json.loads(text) if text else []:
+            cols["id"].append(str(row_id))
+            cols["mask_id"].append(rec["mask_id"])
+            cols["segmentation"].append(rec["segmentation"])
+            cols["bbox"].append(rec["bbox"])
+            cols["area"].append(rec["area"])
+            cols["predicted_iou"].append(rec["predicted_iou"])
+            cols["stability_score"].append(rec["stability_score"])
+            cols["point"].append(rec.get("point"))
+            cols["prompt_index"].append(rec.get("prompt_index"))
+    return pa.table(cols, schema=MASKS_SCHEMA)
+
+
+def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.Table:
+    """``TOKENS_SCHEMA`` rows for the rows selected by ``ok``."""
+    matrices = [np.frombuffer(blob, np.float32) for blob in batch["tokens"][ok]]
+    grids = batch["token_grid"][ok]
+    return pa.table(
+        {
+            "id": pa.array(batch["id"][ok].astype(str)),
+            "grid_h": pa.array(grids[:, 0], pa.int32()),
+            "grid_w": pa.array(grids[:, 1], pa.int32()),
+            "dim": pa.array(np.full(len(matrices), dim, dtype=np.int32)),
+            "tokens": pa.array(matrices, pa.list_(pa.float32())),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+
+
+class WriteStage:
+    """Writes the batch's masks, embeddings and errors files (each atomically), returns counts.
+
+    Masks go first: a row counts as done once it is in ``embeddings/`` or ``errors/``, so a crash
+    between the files re-does the row rather than losing its masks.
+    """
+
+    def __init__(self, output: Location, dim: int, dtype: str) -> None:
+        self.output, self.dim, self.dtype = output, dim, dtype
+        self.schema = embeddings_schema(dim, dtype) if dim else None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        errors = batch["error"].astype(str)
+        ok = errors == ""
+        # Named by content: a write task that Ray retries rewrites the same file, never a twin.
+        digest = hashlib.blake2b("\n".join(batch["id"].astype(str)).encode(), digest_size=12)
+        name = f"part-{digest.hexdigest()}.parquet"
+        n_ok = int(ok.sum())
+        n_err = len(errors) - n_ok
+        n_masks = 0
+        if "masks" in batch and n_ok:
+            table = masks_table(batch["id"][ok], batch["masks"][ok])
+            n_masks = table.num_rows
+            if n_masks:
+                write_parquet_atomic(self.output.join("masks", name), table)
+            if self.schema is None:  # SAM alone: a row with no mask is still done
+                done = pa.table(
+                    {
+                        "id": pa.array(batch["id"][ok].astype(str), pa.string()),
+                        "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
+                    }
+                )
+                write_parquet_atomic(self.output.join("segmented", name), done)
+        if n_ok and self.schema is not None:
+            emb = np.asarray(
+                batch["embedding"][ok], dtype=np.float16 if self.dtype == "float16" else np.float32
+            )
+            values = pa.array(emb.reshape(-1))
+            table = pa.table(
+                {
+                    "id": pa.array(batch["id"][ok].astype(str), pa.string()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(values, self.dim),
+                    "width": pa.array(batch["width"][ok], pa.int32()),
+                    "height": pa.array(batch["height"][ok], pa.int32()),
+                },
+                schema=self.schema,
+            )
+            write_parquet_atomic(self.output.join("embeddings", name), table)
+        if "tokens" in batch and n_ok:
+            write_parquet_atomic(
+                self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
+            )
+        if n_err:
+            table = pa.table(
+                {
+                    "id": pa.array(batch["id"][~ok].astype(str)),
+                    "stage": pa.array(batch["stage"][~ok].astype(str)),
+                    "error": pa.array(errors[~ok]),
+                    "source": pa.array(batch["source"][~ok].astype(str)),
+                },
+                schema=ERRORS_SCHEMA,
+            )
+            write_parquet_atomic(self.output.join("errors", name), table)
+        stage_counts = {
+            s: int((batch["stage"][~ok].astype(str) == s).sum())
+            for s in ("read", "decode", "preprocess", "encode")
+        }
+        groups = batches = 0.0
+        if "group_size" in batch:
+            gs = batch["group_size"][ok].astype(np.float64)
+            groups = float((1.0 / gs).sum()) if n_ok else 0.0
+            batches = float((1.0 / batch["batch_rows"].astype(np.float64)).sum())
+        return {
+            "rows": np.array([len(errors)]),
+            "embedded": np.array([n_ok if self.schema is not None else 0]),
+            "segmented": np.array([n_ok if "masks" in batch else 0]),
+            "masks": np.array([n_masks]),
+            "errors": np.array([n_err]),
+            "groups": np.array([groups]),
+            "batches": np.array([batches]),
+            "decode_s": np.array([float(batch["decode_s"].sum())]),
+            "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
+            "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
+            "write_s": np.array([time.perf_counter() - start]),
+            "stage_counts": np.array([repr(stage_counts)]),
+            "file": np.array([name]),
+        }
