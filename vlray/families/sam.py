@@ -463,8 +463,11 @@ class SamFamily(Family):
             ph, pw = self.pad_size
             if h > ph or w > pw:
                 raise ValueError(f"{h}x{w} images exceed the pad size {ph}x{pw}")
-            # normalize straight into the image area of the zero-padded output (one float pass)
-            values = torch.zeros((b, c, ph, pw), dtype=torch.float32, device=images.device)
+            # normalize straight into the image area of the output and zero only the padding
+            # (zeroing the whole 12 MiB frame first was 60% of the time)
+            values = torch.empty((b, c, ph, pw), dtype=torch.float32, device=images.device)
+            values[:, :, :h, w:] = 0
+            values[:, :, h:, :] = 0
             self.normalization.apply_into(images, values[:, :, :h, :w], channel_dim=1)
         else:
             values = self.normalization.apply(images, channel_dim=1)
