@@ -23,7 +23,13 @@ import torch
 from PIL import Image
 
 from vlray.families import family_for, resolve_checkpoint
-from vlray.ops.decode import decode_image
+from vlray.ops.decode import (
+    decode_image,
+    decode_pixels,
+    decode_rgb,
+    large_pil_blocks,
+    rgb_pixels,
+)
 from vlray.ops.resize import resize_uint8
 from vlray.testing.images import sample_photos
 
@@ -70,6 +76,7 @@ def main() -> None:
     if args.quick:
         args.images, args.repeat = 24, 2
     torch.set_num_threads(1)
+    large_pil_blocks()  # as the decode actors: one Pillow block per image, so the view applies
     benchutil.header("decode: single-core JPEG decode (+ uint8 resize to the SigLIP2 target)")
 
     tmp = Path(tempfile.mkdtemp(prefix="vlray-bench-decode-"))
@@ -99,8 +106,22 @@ def main() -> None:
             chw = tv_decode(b)
             return resize_uint8(chw.permute(1, 2, 0).numpy(), target, interp)
 
+        def viewed(b):
+            return rgb_pixels(decode_rgb(b, max_pixels=10**9))
+
+        def viewed_resize(b, target=target):
+            return resize_uint8(viewed(b), target, interp)
+
         rows = [
             ("PIL full (decode_image)", lambda b: decode_image(b, max_pixels=10**9), full),
+            ("PIL full, RGBX view", viewed, viewed_resize),
+            (
+                "vlray decode_pixels",
+                lambda b: decode_pixels(b, max_pixels=10**9),
+                lambda b, target=target: resize_uint8(
+                    decode_pixels(b, max_pixels=10**9), target, interp
+                ),
+            ),
             ("PIL draft", lambda b, target=target: pil_draft(b, target), draft),
             ("torchvision decode_jpeg", tv_decode, tv),
         ]

@@ -233,3 +233,65 @@ def test_extreme_aspect_png() -> None:
     data = extreme_aspect_png(300)
     assert probe_image(data, MAX_PIXELS) == (1, 300)
     assert decode_image(data, max_pixels=MAX_PIXELS).shape == (300, 1, 3)
+
+
+def _jpeg_variants() -> dict[str, bytes]:
+    """Real photos re-encoded the ways cameras and web pipelines do."""
+    out = {}
+    for name, blob in sample_photos(8, seed=5):
+        image = Image.open(io.BytesIO(blob)).convert("RGB")
+        for label, options in {
+            "420": {"subsampling": 2, "quality": 90},
+            "422": {"subsampling": 1, "quality": 75},
+            "444": {"subsampling": 0, "quality": 95},
+            "progressive": {"progressive": True, "quality": 80},
+            "optimized": {"optimize": True, "quality": 60},
+        }.items():
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", **options)
+            out[f"{name}-{label}"] = buffer.getvalue()
+    out["trailing-zeros"] = out[next(iter(out))] + b"\x00" * 7
+    return out
+
+
+JPEGS = _jpeg_variants()
+
+
+@pytest.mark.parametrize("name", sorted(JPEGS) + [f"unusual/{n}" for n in sorted(UNUSUAL)])
+def test_decode_pixels_equals_decode_image(name: str) -> None:
+    """The fast decode (torchvision for plain JPEGs, PIL's buffer viewed otherwise) gives
+    decode_image's pixels exactly, whatever path it takes."""
+    from vlray.ops.decode import _jpeg_fast_path_ok, decode_pixels
+
+    data = UNUSUAL[name.split("/", 1)[1]] if name.startswith("unusual/") else JPEGS[name]
+    assert _jpeg_fast_path_ok(), "torchvision's JPEG decode differs from PIL's here"
+    pixels = decode_pixels(data, max_pixels=MAX_PIXELS)
+    expected = decode_image(data, max_pixels=MAX_PIXELS)
+    assert pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4)
+    assert np.array_equal(pixels[..., :3], expected), name
+
+
+def test_decode_pixels_takes_the_torchvision_path_for_plain_jpegs(monkeypatch) -> None:
+    from vlray.ops import decode
+
+    calls = []
+    real = decode._decode_jpeg_torchvision
+    monkeypatch.setattr(
+        decode, "_decode_jpeg_torchvision", lambda data: calls.append(1) or real(data)
+    )
+    decode.decode_pixels(JPEGS[sorted(JPEGS)[0]], max_pixels=MAX_PIXELS)
+    assert calls, "a plain RGB JPEG should be decoded by torchvision"
+    calls.clear()
+    decode.decode_pixels(UNUSUAL["exif_rotated.jpg"], max_pixels=MAX_PIXELS)
+    assert not calls, "EXIF-rotated JPEGs go through PIL"
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_decode_pixels_bad_images_same_errors(name: str) -> None:
+    from vlray.ops.decode import decode_pixels
+
+    with pytest.raises(DecodeError) as fast:
+        decode_pixels(BAD[name], max_pixels=BAD_LIMIT)
+    with pytest.raises(DecodeError) as slow:
+        decode_image(BAD[name], max_pixels=BAD_LIMIT)
+    assert str(fast.value) == str(slow.value)

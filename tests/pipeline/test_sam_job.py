@@ -175,9 +175,9 @@ def test_decode_stage_decodes_once_for_two_models(siglip2_checkpoint, sam_checkp
     from vlray.schema import ROW_SCHEMA
 
     calls = []
-    real = stages.decode_rgb
+    real = stages.decode_pixels
     monkeypatch.setattr(
-        stages, "decode_rgb", lambda data, **kw: calls.append(1) or real(data, **kw)
+        stages, "decode_pixels", lambda data, **kw: calls.append(1) or real(data, **kw)
     )
     photos = _photos()
     stage = stages.DecodeStage(

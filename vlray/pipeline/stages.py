@@ -18,7 +18,7 @@ import torch
 
 from vlray.config import S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
-from vlray.ops.decode import DecodeError, decode_rgb, large_pil_blocks, rgb_pixels
+from vlray.ops.decode import DecodeError, decode_pixels, large_pil_blocks
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.files import one_line
 from vlray.storage import fetch_bytes, scrub
@@ -77,9 +77,9 @@ class DecodeStage:
     def _one(self, data: bytes, row: dict[str, Any]) -> tuple[str, str]:
         """Decodes ``data`` into ``row``; returns (error, stage), empty when fine."""
         try:
-            # decode_rgb probes the header (pixel limit) before decoding: no second open;
-            # rgb_pixels views PIL's RGBX buffer (no copy; the resize prefers 4 channels)
-            pixels = rgb_pixels(decode_rgb(data, max_pixels=self.max_pixels))
+            # decode_pixels probes the header (pixel limit) before decoding, then decodes
+            # plain JPEGs with torchvision (same pixels as PIL, faster) and the rest with PIL
+            pixels = decode_pixels(data, max_pixels=self.max_pixels)
             row["height"], row["width"] = pixels.shape[:2]
         except DecodeError as exc:
             return one_line(exc), "decode"
