@@ -140,17 +140,17 @@ def hand_written(path: Path, ckpt: Path, out: Path) -> float:
     return time.perf_counter() - start
 
 
-def vlray_job(path: Path, ckpt: Path, out: Path, fuse: str = "auto") -> dict:
+def vlray_job(path: Path, ckpt: Path, out: Path, fuse: str = "auto", decode: str = "exact") -> dict:
     from vlray.pipeline.job import run_job
 
     config = build_config(
         None,
         {
-            "input": {"uri": str(path)},
             "output": {"uri": str(out)},
             "model": {"name": str(ckpt)},
             "index": {"enabled": False},
             "compute": {"fuse": fuse},
+            "input": {"uri": str(path), "decode": decode},
         },
     )
     summary = run_job(config)
@@ -164,12 +164,20 @@ def steady(n: int, t1: float, t3: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=600, help="N (the runs are N and 3N rows)")
+    parser.add_argument(
+        "--rows",
+        type=int,
+        default=2000,
+        help="N (the runs are N and 3N rows; 2N must take well over the start-up's jitter)",
+    )
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--repeat", type=int, default=2, help="runs per size; min time kept")
     parser.add_argument("--quick", action="store_true", help="N = 150, one run per size")
     parser.add_argument(
         "--separate", action="store_true", help="also run vlray with compute.fuse=off"
+    )
+    parser.add_argument(
+        "--draft", action="store_true", help="also run vlray with input.decode=draft"
     )
     args = parser.parse_args()
     if args.quick:
@@ -212,6 +220,17 @@ def main() -> None:
             for i in range(args.repeat)
         )
         separate = (steady(n, u1, u3), u1, u3)
+    draft = None
+    if args.draft:  # opt-in DCT-domain downscaling of JPEGs (input.decode draft)
+        d1 = min(
+            vlray_job(small, ckpt, tmp / f"d1-{i}", decode="draft")["job_seconds"]
+            for i in range(args.repeat)
+        )
+        d3 = min(
+            vlray_job(large, ckpt, tmp / f"d3-{i}", decode="draft")["job_seconds"]
+            for i in range(args.repeat)
+        )
+        draft = (steady(n, d1, d3), d1, d3)
     loads["after vlray"] = benchutil.load()
     h1 = min(hand_written(small, ckpt, tmp / f"h1-{i}") for i in range(args.repeat))
     h3 = min(hand_written(large, ckpt, tmp / f"h3-{i}") for i in range(args.repeat))
@@ -252,6 +271,11 @@ def main() -> None:
             f"vlray, fuse off         {separate[0]:8.0f} img/s steady (t(N) {separate[1]:.1f} s, "
             f"t(3N) {separate[2]:.1f} s; separate decode and encoder actors)"
         )
+    if draft:
+        print(
+            f"vlray, decode draft     {draft[0]:8.0f} img/s steady (t(N) {draft[1]:.1f} s, "
+            f"t(3N) {draft[2]:.1f} s; opt-in, not bit-identical)"
+        )
     ok = (
         ours / limit >= TARGET_LIMIT
         and ours / loop >= TARGET_BASELINES
@@ -275,6 +299,7 @@ def main() -> None:
             "hand_img_s": hand,
             "vlray_img_s": ours,
             "vlray_fuse_off_img_s": separate and separate[0],
+            "vlray_draft_img_s": draft and draft[0],
             "vlray_over_limit": ours / limit,
             "vlray_over_loop": ours / loop,
             "vlray_over_hand": ours / hand,

@@ -19,7 +19,7 @@ from pathlib import Path
 import benchutil
 
 HERE = Path(__file__).resolve().parent
-SUITE = ("preprocess", "decode", "encoder_groups", "job", "memory")
+SUITE = ("preprocess", "decode", "encoder_groups", "job", "memory", "float16")
 
 
 def run(name: str, args: list[str]) -> tuple[int, list[dict], float]:
@@ -100,8 +100,21 @@ def summarize(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
                 f"job N={r['rows']}",
                 f"vlray {r['vlray_img_s']:.0f} img/s = {r['vlray_over_limit']:.2f} of limit "
                 f"{r['limit_img_s']:.0f}; {r['vlray_over_loop']:.2f}x loop, "
-                f"{r['vlray_over_hand']:.2f}x hand-written",
+                f"{r['vlray_over_hand']:.2f}x hand-written"
+                + (
+                    f"; fuse off {r['vlray_fuse_off_img_s']:.0f} img/s"
+                    if r.get("vlray_fuse_off_img_s")
+                    else ""
+                ),
                 "meets" if ok else "misses (>= 0.5 limit, >= 1.5x both)",
+            )
+        )
+    for r in results.get("float16", []):
+        rows.append(
+            (
+                f"float16 {r['corpus']}",
+                f"top-{r['k']} overlap {r['topk_overlap']:.4f}, top-1 same {r['top1_same']:.4f}",
+                "info",
             )
         )
     for r in results.get("memory", []):
@@ -131,6 +144,7 @@ def main() -> None:
             print("device cuda: torch.cuda is unavailable, CUDA parts are skipped")
     extra = {name: (["--quick"] if args.quick else []) for name in SUITE}
     extra["decode"] += ["--device", args.device]
+    extra["job"] += ["--separate", "--draft"]
     by_kind: dict[str, list[dict]] = {}
     status = []
     for name in args.only.split(","):

@@ -54,6 +54,11 @@ class InputConfig:
     id_column: str = "id"
     max_pixels: int = 100_000_000
     """Decompression-bomb limit: images whose header declares more pixels are refused undecoded."""
+    decode: str = "exact"
+    """"exact": full decode, model inputs bit-identical to the reference processor. "draft":
+    JPEGs much larger than the model's input are decoded at 1/2, 1/4 or 1/8 scale in the DCT
+    domain, never below the target size (faster; close to but not equal to the reference:
+    measured quality bound in docs/BENCHMARKS.md)."""
     rows_per_block: int = 64
     """Rows per read block; small blocks keep every decode actor busy on small inputs."""
 
@@ -285,6 +290,8 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"sam.mode: {config.sam.mode!r} is not auto/automatic/prompted")
     if config.sam.weights not in ("pretrained", "random"):
         problems.append(f"sam.weights: {config.sam.weights!r} is not 'pretrained' or 'random'")
+    if config.input.decode not in ("exact", "draft"):
+        problems.append(f"input.decode: {config.input.decode!r} is not exact or draft")
     if config.compute.fuse not in ("auto", "on", "off"):
         problems.append(f"compute.fuse: {config.compute.fuse!r} is not auto/on/off")
     if config.output.dtype not in ("float32", "float16"):

@@ -295,3 +295,41 @@ def test_decode_pixels_bad_images_same_errors(name: str) -> None:
     with pytest.raises(DecodeError) as slow:
         decode_image(BAD[name], max_pixels=BAD_LIMIT)
     assert str(fast.value) == str(slow.value)
+
+
+def test_decode_draft_keeps_full_size_and_covers_the_target() -> None:
+    """Draft decoding shrinks big JPEGs in the DCT domain, never below what is needed, and
+    reports the full displayed size; other formats decode fully."""
+    from torchvision.transforms.v2 import InterpolationMode
+
+    from vlray.ops.decode import decode_draft
+    from vlray.ops.resize import resize_uint8
+
+    big = Image.fromarray(
+        np.asarray(
+            Image.open(io.BytesIO(sample_photos(1, seed=2)[0][1]))
+            .convert("RGB")
+            .resize((1600, 1200))
+        )
+    )
+    buffer = io.BytesIO()
+    big.save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    pixels, size = decode_draft(data, max_pixels=MAX_PIXELS, needed=lambda h, w: (224, 288))
+    assert size == (1200, 1600)
+    assert pixels.shape[:2] == (300, 400)  # 1/4 scale: the smallest that covers 224x288
+    full = decode_image(data, max_pixels=MAX_PIXELS)
+    a = resize_uint8(pixels, (224, 288), InterpolationMode.BILINEAR).astype(np.int16)
+    b = resize_uint8(full, (224, 288), InterpolationMode.BILINEAR).astype(np.int16)
+    assert np.abs(a - b).mean() < 2.0  # close, not equal: the documented trade
+    # EXIF-rotated JPEG: the displayed (rotated) size, as probe_image reports it
+    rotated = UNUSUAL["exif_rotated.jpg"]
+    width, height = probe_image(rotated, max_pixels=MAX_PIXELS)
+    pixels, size = decode_draft(rotated, max_pixels=MAX_PIXELS, needed=lambda h, w: (h, w))
+    assert size == (height, width) and pixels.shape[:2] == (height, width)
+    # PNG: full decode whatever is needed
+    png = UNUSUAL["rgba.png"]
+    pixels, size = decode_draft(png, max_pixels=MAX_PIXELS, needed=lambda h, w: (1, 1))
+    assert pixels.shape[:2] == size
+    with pytest.raises(DecodeError):
+        decode_draft(BAD[sorted(BAD)[0]], max_pixels=BAD_LIMIT, needed=lambda h, w: (h, w))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -184,6 +185,28 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
     The same steps and errors as :func:`decode_image`; the pixels stay in PIL's own buffer
     (4 bytes per pixel), which :func:`rgb_pixels` exposes without a copy.
     """
+    return _decode(data, max_pixels, None)[0]
+
+
+def decode_draft(
+    data: bytes, *, max_pixels: int, needed: Callable[[int, int], tuple[int, int]]
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Like :func:`decode_pixels`, but JPEGs are decoded at the smallest DCT scale (1/2, 1/4,
+    1/8) that still covers ``needed(height, width)`` (PIL's ``draft``). Not bit-identical to a
+    full decode; other formats decode fully.
+
+    Returns:
+        (pixels (h, w, 3 or 4) uint8 at the decoded scale, the displayed (height, width) of the
+        full image, as :func:`probe_image` reports it).
+    """
+    image, size = _decode(data, max_pixels, needed)
+    return rgb_pixels(image), size
+
+
+def _decode(
+    data: bytes, max_pixels: int, needed: Callable[[int, int], tuple[int, int]] | None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """(RGB image, displayed (height, width) of the full image); ``needed`` enables draft."""
     _check_nonempty(data)
     fmt: str | None = None
     try:
@@ -192,6 +215,14 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
             _check_pixels(img.size, max_pixels)
             # Read orientation from the header, as probe_image does, so both agree.
             orientation = _orientation(img)
+            width, height = img.size
+            if orientation >= 5:
+                width, height = height, width
+            if needed is not None and fmt == "JPEG":
+                need_h, need_w = needed(height, width)
+                # draft takes (width, height) in the stored orientation
+                request = (need_h, need_w) if orientation >= 5 else (need_w, need_h)
+                img.draft(img.mode, request)
             img.load()  # Full decode here, so truncation/corruption raises now.
             frame: Image.Image = img
             if orientation != 1:
@@ -204,7 +235,7 @@ def decode_rgb(data: bytes, *, max_pixels: int) -> Image.Image:
         raise
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, zlib...
         raise _wrap(exc, fmt) from None
-    return rgb
+    return rgb, (height, width)
 
 
 def rgb_pixels(image: Image.Image) -> np.ndarray:

@@ -18,7 +18,7 @@ import torch
 
 from vlray.config import S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
-from vlray.ops.decode import DecodeError, decode_pixels, large_pil_blocks
+from vlray.ops.decode import DecodeError, decode_draft, decode_pixels, large_pil_blocks
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.files import one_line
 from vlray.storage import fetch_bytes, scrub
@@ -43,9 +43,11 @@ class DecodeStage:
         max_pixels: int,
         s3: S3Config,
         sam_checkpoint: Checkpoint | None = None,
+        decode: str = "exact",
     ) -> None:
         torch.set_num_threads(1)
         large_pil_blocks()
+        self.draft = decode == "draft"
         self.families = [
             (prefix, family_for(c))
             for prefix, c in zip(HEADS, (checkpoint, sam_checkpoint), strict=True)
@@ -54,6 +56,14 @@ class DecodeStage:
         self.max_pixels = max_pixels
         self.s3 = s3
         self._pool: ThreadPoolExecutor | None = None
+
+    def _needed(self, height: int, width: int) -> tuple[int, int]:
+        """The largest target shape over the models (draft decoding never goes below it)."""
+        try:
+            sizes = [family.target_size(height, width) for _, family in self.families]
+        except (UnsupportedImage, ValueError):
+            return height, width  # the error is reported by the resize step
+        return max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def _fetch(self, uri: str) -> bytes | str:
         """The bytes at ``uri`` (transient errors retried), or a one-line reason (no secrets)."""
@@ -79,8 +89,13 @@ class DecodeStage:
         try:
             # decode_pixels probes the header (pixel limit) before decoding, then decodes
             # plain JPEGs with torchvision (same pixels as PIL, faster) and the rest with PIL
-            pixels = decode_pixels(data, max_pixels=self.max_pixels)
-            row["height"], row["width"] = pixels.shape[:2]
+            if self.draft:
+                pixels, (row["height"], row["width"]) = decode_draft(
+                    data, max_pixels=self.max_pixels, needed=self._needed
+                )
+            else:
+                pixels = decode_pixels(data, max_pixels=self.max_pixels)
+                row["height"], row["width"] = pixels.shape[:2]
         except DecodeError as exc:
             return one_line(exc), "decode"
         for prefix, family in self.families:
@@ -238,8 +253,9 @@ class DecodeEncodeStage:
         max_group_size: int,
         threads: int,
         store_tokens: bool = False,
+        decode: str = "exact",
     ) -> None:
-        self.decode = DecodeStage(checkpoint, max_pixels, s3)
+        self.decode = DecodeStage(checkpoint, max_pixels, s3, decode=decode)
         self.encode = EncodeStage(checkpoint, device, dtype, max_group_size, threads, store_tokens)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
