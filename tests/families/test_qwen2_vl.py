@@ -331,3 +331,56 @@ def test_arch_configs(name: str, dim: int, text_hidden: int) -> None:
             assert fam.target_size(h, w) == ref_smart_resize(
                 h, w, 28, fam.min_pixels, fam.max_pixels
             )
+
+
+_PEAK_SCRIPT = """
+import resource, sys, torch
+from vlray.families import family_for, resolve_checkpoint
+import transformers.models.qwen2_vl.modeling_qwen2_vl  # imports done before the baseline
+family = family_for(resolve_checkpoint(sys.argv[1]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[2] == "vlray":
+    size = sum(p.numel() * p.element_size() for p in family.load_encoder(
+        torch.device("cpu"), torch.float32).tower.parameters())
+else:  # calibration: what materializing every tensor of the checkpoint costs
+    from safetensors.torch import load_file
+    state = {k: v.clone() for k, v in load_file(sys.argv[1] + "/model.safetensors").items()}
+    size = sum(v.numel() * v.element_size() for v in state.values())
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(before, after, size)
+"""
+
+
+def _peak_growth(folder: Path, mode: str) -> tuple[int, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, str(folder), mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    before_kib, after_kib, size = (int(v) for v in out.stdout.split()[-3:])
+    return (after_kib - before_kib) * 1024, size
+
+
+def test_loader_peak_memory_stays_near_the_vision_tower(tiny: Path, tmp_path: Path) -> None:
+    """A checkpoint whose language model is 384 MiB next to a ~0.3 MiB vision tower, in the
+    same safetensors file: loading the encoder raises the peak RSS by about the tower; loading
+    every tensor (the calibration run, proving the measurement sees materialized weights)
+    raises it by the whole checkpoint."""
+    stored = load_file(str(tiny / "model.safetensors"))
+    stored["model.language_model.embed_tokens.weight"] = torch.ones(32768, 2048)  # 256 MiB
+    stored["lm_head.weight"] = torch.ones(16384, 2048)  # 128 MiB
+    big = tmp_path / "big-lm"
+    _copy_configs(tiny, big)
+    save_file(stored, str(big / "model.safetensors"))
+    del stored
+    grown, tower_bytes = _peak_growth(big, "vlray")
+    assert tower_bytes < 4 << 20
+    assert grown < 48 << 20, f"peak RSS grew {grown / 2**20:.0f} MiB loading a small tower"
+    everything, total = _peak_growth(big, "all")
+    assert total > 384 << 20
+    assert everything > 300 << 20, "the calibration run must show materialized weights"
