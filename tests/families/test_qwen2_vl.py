@@ -334,11 +334,23 @@ def test_arch_configs(name: str, dim: int, text_hidden: int) -> None:
 
 
 _PEAK_SCRIPT = """
-import resource, sys, torch
+import sys, torch
 from vlray.families import family_for, resolve_checkpoint
 import transformers.models.qwen2_vl.modeling_qwen2_vl  # imports done before the baseline
+
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+
+
 family = family_for(resolve_checkpoint(sys.argv[1]))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# reset the peak (VmHWM) to the current RSS: imports (byte-compiling a fresh venv) can peak
+# far above what follows, which would hide the loader's own peak
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
 if sys.argv[2] == "vlray":
     size = sum(p.numel() * p.element_size() for p in family.load_encoder(
         torch.device("cpu"), torch.float32).tower.parameters())
@@ -346,8 +358,7 @@ else:  # calibration: what materializing every tensor of the checkpoint costs
     from safetensors.torch import load_file
     state = {k: v.clone() for k, v in load_file(sys.argv[1] + "/model.safetensors").items()}
     size = sum(v.numel() * v.element_size() for v in state.values())
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(before, after, size)
+print(before, status("VmHWM"), size)
 """
 
 
