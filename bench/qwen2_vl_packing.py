@@ -7,7 +7,7 @@ batch; same-shape = ``Qwen2VLImageEncoder.encode`` once per same-shape group ((B
 call per block, no mask). Embedding = mean of the merged tokens, L2-normalized; both must agree.
 
     python bench/qwen2_vl_packing.py [--arch qwen2-vl-2b-instruct] [--images 6]
-        [--max-pixels 50176] [--repeat 2] [--threads 2]
+        [--max-pixels 50176] [--repeat 2] [--threads 2] [--same-size]
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--max-pixels", type=int, default=64 * 28 * 28)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--same-size", action="store_true", help="all photos resized to 640x480: one group"
+    )
     parser.add_argument("--quick", action="store_true", help="3 images")
     args = parser.parse_args()
     if args.quick:
@@ -43,6 +46,8 @@ def main() -> None:
     family = family_for(checkpoint)
     encoder = family.load_encoder(torch.device("cpu"), torch.float32)
     images = [decode_rgb(b, max_pixels=10**9) for _, b in sample_photos(args.images, seed=4)]
+    if args.same_size:
+        images = [image.resize((640, 480)) for image in images]
     groups = preprocess_images(family, images)
     tokens = sum(int(g["image_grid_thw"][:, 1:].prod(-1).sum()) for _, g in groups)
     print(
@@ -85,6 +90,7 @@ def main() -> None:
             "shapes": len(groups),
             "patches": tokens,
             "threads": args.threads,
+            "same_size": args.same_size,
             "packed_s": t_packed,
             "same_shape_s": t_same,
             "speedup": t_packed / t_same,
