@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -305,6 +306,14 @@ def _decode_jpeg_torchvision(data: bytes) -> np.ndarray | None:
 
 
 _JPEG_FAST_PATH: list[bool] = []
+
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns on every
+# call; when they are removed, _jpeg_fast_path_ok() turns False and PIL decodes everything.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision are deprecated",
+    category=DeprecationWarning,
+)
 
 
 def _jpeg_fast_path_ok() -> bool:
