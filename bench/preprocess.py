@@ -147,14 +147,12 @@ def breakdown(family, pils, repeat):
     }
 
 
-def top_ops(family, images, k=4):
-    """The k torch ops with the most self CPU time inside ``family.preprocess``."""
+def profile_top_ops(fn, k):
+    """The k torch ops with the most self CPU time inside ``fn()``, as "name share%" text."""
     from torch.profiler import ProfilerActivity, profile
 
-    batches = stack(group_resize(family, images))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for b in batches:
-            family.preprocess(b)
+        fn()
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     total = sum(e.self_cpu_time_total for e in events) or 1
     return ", ".join(
@@ -162,21 +160,17 @@ def top_ops(family, images, k=4):
         for e in events[:k]
         if e.self_cpu_time_total > 0
     )
+
+
+def top_ops(family, images, k=4):
+    """Top ops inside ``family.preprocess`` of the stacked groups."""
+    batches = stack(group_resize(family, images))
+    return profile_top_ops(lambda: [family.preprocess(b) for b in batches], k)
 
 
 def top_ops_ref(ref, pils, k=5):
-    """The k torch ops with the most self CPU time inside the reference processor call."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        ref(images=pils, return_tensors="pt")
-    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1
-    return ", ".join(
-        f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%"
-        for e in events[:k]
-        if e.self_cpu_time_total > 0
-    )
+    """Top ops inside the reference processor call."""
+    return profile_top_ops(lambda: ref(images=pils, return_tensors="pt"), k)
 
 
 def load_family(name):

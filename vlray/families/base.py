@@ -101,7 +101,7 @@ class Normalization:
         shift, scale, multiply = self._statistics(images, channel_dim)
         rows = images.shape[0] if images.dim() else 1
         per_row = images[0].numel() if images.dim() and rows else 1
-        step = max(1, _CHUNK_ELEMENTS // max(per_row, 1)) if images.device.type == "cpu" else rows
+        step = max(1, CHUNK_ELEMENTS // max(per_row, 1)) if images.device.type == "cpu" else rows
         if channel_dim == 0:  # the statistics vary along the chunked axis: no chunking
             step = rows
         for s in range(0, rows, step):
@@ -147,7 +147,7 @@ class Normalization:
 
 
 # elements per normalization chunk (float32: 1 MiB, inside a typical L2 cache)
-_CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 18
 # below this many elements after the channel axis, the statistics are materialized
 _LONG_ROW = 64
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
+    CHUNK_ELEMENTS,
     Family,
     ImageEncoder,
     Normalization,
@@ -338,7 +339,7 @@ class Qwen2VLFamily(Family):
         # Normalize straight into frame 0 and copy it to the others, a block row at a time
         # (cache-sized), instead of patchify-copy + normalize + expand-copy of the whole group.
         out = torch.empty((rows, bw, m, m, c, t, p, p), dtype=torch.float32, device=images.device)
-        step = max(1, (1 << 18) // max(source[0].numel(), 1))
+        step = max(1, CHUNK_ELEMENTS // max(source[0].numel(), 1))
         for s in range(0, rows, step):
             frames = out[s : s + step]
             self.normalization.apply_into(source[s : s + step], frames[..., 0, :, :], channel_dim=4)

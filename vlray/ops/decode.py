@@ -133,15 +133,23 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:
     try:
         with _open(data) as img:
             fmt = img.format
-            _check_pixels(img.size, max_pixels)
-            width, height = img.size
-            if _orientation(img) >= 5:
-                width, height = height, width
+            _, height, width = _header(img, max_pixels)
     except DecodeError:
         raise
     except Exception as exc:  # PIL raises many types for malformed headers.
         raise _wrap(exc, fmt) from None
     return width, height
+
+
+def _header(img: Image.Image, max_pixels: int) -> tuple[int, int, int]:
+    """Pixel limit check, then (EXIF orientation, displayed height, displayed width), all
+    from the header: probing and decoding agree on the size by construction."""
+    _check_pixels(img.size, max_pixels)
+    orientation = _orientation(img)
+    width, height = img.size
+    if orientation >= 5:
+        width, height = height, width
+    return orientation, height, width
 
 
 def _wide_int_to_l(img: Image.Image) -> Image.Image:
@@ -205,20 +213,26 @@ def decode_draft(
 
 
 def _decode(
-    data: bytes, max_pixels: int, needed: Callable[[int, int], tuple[int, int]] | None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """(RGB image, displayed (height, width) of the full image); ``needed`` enables draft."""
+    data: bytes,
+    max_pixels: int,
+    needed: Callable[[int, int], tuple[int, int]] | None,
+    fast_jpeg: bool = False,
+) -> tuple[Image.Image | np.ndarray, tuple[int, int]]:
+    """(RGB image, displayed (height, width) of the full image), from one open of the data.
+
+    ``needed`` enables draft decoding. With ``fast_jpeg``, a plain RGB JPEG comes back as the
+    pixel array of torchvision's decode instead of an image (see :func:`decode_pixels`).
+    """
     _check_nonempty(data)
     fmt: str | None = None
     try:
         with _open(data) as img:
             fmt = img.format
-            _check_pixels(img.size, max_pixels)
-            # Read orientation from the header, as probe_image does, so both agree.
-            orientation = _orientation(img)
-            width, height = img.size
-            if orientation >= 5:
-                width, height = height, width
+            orientation, height, width = _header(img, max_pixels)
+            if fast_jpeg and fmt == "JPEG" and img.mode == "RGB" and orientation == 1:
+                pixels = _decode_jpeg_fast(data)
+                if pixels is not None and pixels.shape[:2] == (height, width):
+                    return pixels, (height, width)
             if needed is not None and fmt == "JPEG":
                 need_h, need_w = needed(height, width)
                 # draft takes (width, height) in the stored orientation
@@ -274,23 +288,16 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> np.ndarray:
     Raises:
         DecodeError: as :func:`decode_image`.
     """
-    _check_nonempty(data)
-    try:
-        with _open(data) as img:
-            fast = (
-                img.format == "JPEG"
-                and img.mode == "RGB"
-                and img.size[0] * img.size[1] <= max_pixels
-                and _orientation(img) == 1
-            )
-            size = img.size
-    except Exception:  # bad headers: decode_rgb reports them
-        fast = False
-    if fast and data.rstrip(b"\x00")[-2:] == b"\xff\xd9" and _jpeg_fast_path_ok():
-        pixels = _decode_jpeg_torchvision(data)
-        if pixels is not None and pixels.shape[:2] == (size[1], size[0]):
-            return pixels
-    return rgb_pixels(decode_rgb(data, max_pixels=max_pixels))
+    pixels, _ = _decode(data, max_pixels, None, fast_jpeg=True)
+    return pixels if isinstance(pixels, np.ndarray) else rgb_pixels(pixels)
+
+
+def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
+    """torchvision's decode of a complete JPEG (EOI marker present; truncated files go to PIL,
+    which reports them) when the self-check passed here, else None."""
+    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9" or not _jpeg_fast_path_ok():
+        return None
+    return _decode_jpeg_torchvision(data)
 
 
 def _decode_jpeg_torchvision(data: bytes) -> np.ndarray | None:

@@ -78,20 +78,15 @@ def build_dataset(
         batch_format="numpy",
         **task_stage(stages.io_cpus),
     )
-    if stages.fused and checkpoint is not None and sam_checkpoint is None:
+    decoding = {
+        "max_pixels": config.input.max_pixels,
+        "s3": config.s3,
+        "decode": config.input.decode,
+    }
+    if stages.fused:  # plan_resources fuses only one embedding model without SAM
         ds = ds.map_batches(
             DecodeEncodeStage,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "max_pixels": config.input.max_pixels,
-                "s3": config.s3,
-                "device": stages.device,
-                "dtype": config.model.dtype,
-                "max_group_size": config.compute.max_group_size,
-                "threads": stages.encode_threads,
-                "store_tokens": config.model.store_tokens,
-                "decode": config.input.decode,
-            },
+            fn_constructor_kwargs={**_encode_args(config, checkpoint, stages), **decoding},
             batch_size=config.compute.encode_batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
@@ -102,10 +97,8 @@ def build_dataset(
         DecodeStage,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
-            "max_pixels": config.input.max_pixels,
-            "s3": config.s3,
             "sam_checkpoint": sam_checkpoint,
-            "decode": config.input.decode,
+            **decoding,
         },
         batch_size=config.compute.decode_batch_size,
         batch_format="pyarrow",
@@ -144,17 +137,22 @@ def _prompt_columns(config: JobConfig) -> tuple[str, ...]:
     return (config.sam.points_column, config.sam.labels_column, config.sam.boxes_column)
 
 
+def _encode_args(config: JobConfig, checkpoint: Checkpoint | None, stages: StagePlan) -> dict:
+    """Constructor arguments of the embedding encoder (``EncodeStage``, and the fused stage)."""
+    return {
+        "checkpoint": checkpoint,
+        "device": stages.device,
+        "dtype": config.model.dtype,
+        "max_group_size": config.compute.max_group_size,
+        "threads": stages.encode_threads,
+        "store_tokens": config.model.store_tokens,
+    }
+
+
 def _encode(ds: Any, config: JobConfig, checkpoint: Checkpoint, stages: StagePlan) -> Any:
     return ds.map_batches(
         EncodeStage,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "device": stages.device,
-            "dtype": config.model.dtype,
-            "max_group_size": config.compute.max_group_size,
-            "threads": stages.encode_threads,
-            "store_tokens": config.model.store_tokens,
-        },
+        fn_constructor_kwargs=_encode_args(config, checkpoint, stages),
         batch_size=config.compute.encode_batch_size,
         batch_format="numpy",
         **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
