@@ -9,7 +9,7 @@ from vlray.pipeline.resources import plan_resources
 
 
 @pytest.mark.parametrize("fuse", ["auto", "on", "off"])
-@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64])
+@pytest.mark.parametrize("cpus", [1, 2, 3, 4, 8, 16, 64, 65, 200])
 @pytest.mark.parametrize("gpus", [0, 1, 4])
 @pytest.mark.parametrize("models", [1, 2])
 def test_plan_fits_the_cluster(cpus, gpus, models, fuse):
@@ -17,7 +17,7 @@ def test_plan_fits_the_cluster(cpus, gpus, models, fuse):
     reserved = (
         plan.decode_actors * plan.decode_cpus
         + models * plan.encode_actors * plan.encode_cpus
-        + 2 * plan.io_cpus
+        + (1 + plan.write_actors) * plan.io_cpus  # read tasks + writer actors
     )
     assert reserved <= cpus + 1e-9 or cpus < 1.5  # a 1-CPU box oversubscribes a sliver only
     gpu_actors = plan.decode_actors if plan.fused else models * plan.encode_actors
@@ -51,3 +51,9 @@ def test_fused_actors_fit_in_memory():
     assert big.decode_actors * 2 * 2 * gib <= 0.5 * 64 * gib
     assert big.encode_threads == 8  # the CPUs are still all used
     assert big.decode_actors * big.decode_cpus + 2 * big.io_cpus <= 64 + 1e-9
+
+
+def test_writers_are_few_long_lived_actors():
+    assert plan_resources(ComputeConfig(), {"CPU": 2}).write_actors == 1
+    assert plan_resources(ComputeConfig(), {"CPU": 64}).write_actors == 1
+    assert plan_resources(ComputeConfig(fuse="off"), {"CPU": 200}).write_actors == 4

@@ -126,10 +126,11 @@ def build_dataset(
 
 def _write(ds: Any, config: JobConfig, output: Location, stages: StagePlan, dim: int) -> Any:
     return ds.map_batches(
-        WriteStage(output, dim, config.output.dtype),
+        WriteStage,
+        fn_constructor_kwargs={"output": output, "dim": dim, "dtype": config.output.dtype},
         batch_size=config.output.rows_per_file,
         batch_format="numpy",
-        **task_stage(stages.io_cpus),
+        **actor_stage(stages.write_actors, stages.io_cpus),
     )
 
 

@@ -24,6 +24,9 @@ class StagePlan:
     encode_threads: int
     device: str
     io_cpus: float = 0.1
+    """Each read task's and each write actor's CPU reservation."""
+    write_actors: int = 1
+    """Long-lived writer processes (see :func:`write_actor_count`)."""
     fused: bool = False
     """Decode and encode run in the same actors (``decode_actors`` of them)."""
 
@@ -31,6 +34,14 @@ class StagePlan:
 def _floor(value: float) -> float:
     """Rounds a CPU reservation down to 1/1000 (rounding up could ask for more than exists)."""
     return math.floor(value * 1000) / 1000
+
+
+def write_actor_count(cpus: float) -> int:
+    """Writers: one per 64 CPUs. Writing a 2048-row file takes milliseconds, but the writer must be
+    a long-lived actor: as a task, each write between long gaps runs in a fresh worker process
+    (Ray kills idle workers beyond one per CPU after a second), and starting one costs about a
+    second of CPU, 17% of a 2-core machine in the job benchmark."""
+    return max(1, math.ceil(cpus / 64))
 
 
 def plan_resources(
@@ -66,7 +77,8 @@ def plan_resources(
     encode_cpus = 1.0 if use_gpu else min(1.0, max(0.25, cpus / 4))
     # encoders never reserve more than half the CPUs: the rest decodes (and reads and writes)
     encode_cpus = _floor(min(encode_cpus, max(cpus / 2 - io_cpus, 0.1) / model_actors))
-    left = max(cpus - model_actors * encode_cpus - 2 * io_cpus, 0.25)
+    writers = write_actor_count(cpus)
+    left = max(cpus - model_actors * encode_cpus - (1 + writers) * io_cpus, 0.25)
     decode_actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
     decode_cpus = _floor(max(min(left / decode_actors, 1.0), 0.05))
     threads = compute.torch_threads or (2 if use_gpu else max(1, int(round(encode_cpus))))
@@ -79,6 +91,7 @@ def plan_resources(
         encode_threads=threads,
         device="cuda" if use_gpu else "cpu",
         io_cpus=io_cpus,
+        write_actors=writers,
     )
 
 
@@ -90,7 +103,8 @@ def _fused_plan(
     for every CPU (x2 for activations) would pass half the cluster's memory, fewer actors run
     with more torch threads each. With GPUs (``fuse: on``), at most as many actors as GPUs."""
     io_cpus = 0.1
-    left = max(cpus - 2 * io_cpus, 0.25)
+    writers = write_actor_count(cpus)
+    left = max(cpus - (1 + writers) * io_cpus, 0.25)
     actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
     if not compute.decode_actors and memory > 0 and model_bytes > 0:
         actors = max(1, min(actors, int(0.5 * memory // (2 * model_bytes))))
@@ -107,6 +121,7 @@ def _fused_plan(
         encode_threads=compute.torch_threads or (2 if gpus else max(1, round(per_actor))),
         device="cuda" if gpus else "cpu",
         io_cpus=io_cpus,
+        write_actors=writers,
         fused=True,
     )
 
