@@ -57,3 +57,21 @@ def test_writers_are_few_long_lived_actors():
     assert plan_resources(ComputeConfig(), {"CPU": 2}).write_actors == 1
     assert plan_resources(ComputeConfig(), {"CPU": 64}).write_actors == 1
     assert plan_resources(ComputeConfig(fuse="off"), {"CPU": 200}).write_actors == 4
+
+
+@pytest.mark.parametrize("fuse", ["auto", "off"])
+def test_small_jobs_start_fewer_actors(fuse):
+    """Each actor costs seconds of start-up (torch, the model): a 300-row increment on 2 CPUs
+    starts one decode actor, a 2000-row job one per CPU; compute.decode_actors still rules."""
+    compute = ComputeConfig(fuse=fuse)
+    small = plan_resources(compute, {"CPU": 2}, rows=300)
+    assert small.decode_actors == 1
+    assert small.decode_cpus <= 1.8 + 1e-9  # the lone actor may use both cores
+    assert plan_resources(compute, {"CPU": 2}, rows=2000).decode_actors == 2
+    assert plan_resources(compute, {"CPU": 16}, rows=1100).decode_actors == 3
+    full = plan_resources(compute, {"CPU": 16}).decode_actors
+    assert full >= 15 and plan_resources(compute, {"CPU": 16}, rows=10**6).decode_actors == full
+    forced = ComputeConfig(fuse=fuse, decode_actors=2)
+    assert plan_resources(forced, {"CPU": 2}, rows=10).decode_actors == 2
+    if fuse == "auto":
+        assert small.fused and small.encode_threads == 2

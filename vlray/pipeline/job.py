@@ -456,6 +456,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                 models,
                 model_bytes,
                 fusable=checkpoint is not None and sam_checkpoint is None,
+                rows=plan.rows,
             )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

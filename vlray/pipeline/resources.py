@@ -36,6 +36,17 @@ def _floor(value: float) -> float:
     return math.floor(value * 1000) / 1000
 
 
+ROWS_PER_ACTOR = 512
+"""Small jobs get at most one decode (or fused) actor per this many rows. Starting an actor costs
+4-6 CPU-seconds (a Ray worker, torch, transformers, the model); on a 2-core machine two actors
+starting together take ~8 s where one takes ~5, and 512 rows is about what one actor of a small
+model does in its start-up time. Big jobs are not affected."""
+
+
+def _cap_for_rows(actors: int, rows: int | None) -> int:
+    return actors if rows is None else max(1, min(actors, math.ceil(rows / ROWS_PER_ACTOR)))
+
+
 def write_actor_count(cpus: float) -> int:
     """Writers: one per 64 CPUs. Writing a 2048-row file takes milliseconds, but the writer must be
     a long-lived actor: as a task, each write between long gaps runs in a fresh worker process
@@ -50,13 +61,16 @@ def plan_resources(
     models: int = 1,
     model_bytes: int = 0,
     fusable: bool = True,
+    rows: int | None = None,
 ) -> StagePlan:
     """Splits the cluster between decode and encode actors.
 
     CPU-only: each encoder reserves one CPU and runs torch with that many threads; decode actors
     (single-threaded PIL + torchvision) share the rest with fractional reservations, leaving a
     slice for the read and write tasks so they are never starved (Ray 2.60 hangs otherwise:
-    FIELD-NOTES). With GPUs: one GPU and one CPU per encoder, every other CPU decodes.
+    FIELD-NOTES). With GPUs: one GPU and one CPU per encoder, every other CPU decodes. ``rows``
+    (the rows to do, when known) caps the decode actors of small jobs (``ROWS_PER_ACTOR``) unless
+    ``compute.decode_actors`` sets them.
     """
     cpus = float(cluster.get("CPU", 1.0))
     gpus = float(cluster.get("GPU", 0.0))
@@ -65,7 +79,7 @@ def plan_resources(
     fusable = fusable and models == 1
     if fusable and (compute.fuse == "on" or (compute.fuse == "auto" and not use_gpu)):
         memory = float(cluster.get("memory", 0.0))
-        return _fused_plan(compute, cpus, gpus if use_gpu else 0.0, memory, model_bytes)
+        return _fused_plan(compute, cpus, gpus if use_gpu else 0.0, memory, model_bytes, rows)
     encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if use_gpu else 0.0
     if use_gpu and models > 1 and compute.num_gpus <= 0:
         encode_gpus /= models  # both models' actors share each GPU
@@ -79,7 +93,7 @@ def plan_resources(
     encode_cpus = _floor(min(encode_cpus, max(cpus / 2 - io_cpus, 0.1) / model_actors))
     writers = write_actor_count(cpus)
     left = max(cpus - model_actors * encode_cpus - (1 + writers) * io_cpus, 0.25)
-    decode_actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
+    decode_actors = compute.decode_actors or _cap_for_rows(max(1, math.ceil(left - 0.05)), rows)
     decode_cpus = _floor(max(min(left / decode_actors, 1.0), 0.05))
     threads = compute.torch_threads or (2 if use_gpu else max(1, int(round(encode_cpus))))
     return StagePlan(
@@ -96,7 +110,12 @@ def plan_resources(
 
 
 def _fused_plan(
-    compute: ComputeConfig, cpus: float, gpus: float, memory: float, model_bytes: int
+    compute: ComputeConfig,
+    cpus: float,
+    gpus: float,
+    memory: float,
+    model_bytes: int,
+    rows: int | None = None,
 ) -> StagePlan:
     """One decode+encode actor per CPU (``decode_actors`` overrides), single-threaded torch,
     a slice left for the read and write tasks. Each actor holds a copy of the model: when copies
@@ -108,6 +127,8 @@ def _fused_plan(
     actors = compute.decode_actors or max(1, math.ceil(left - 0.05))
     if not compute.decode_actors and memory > 0 and model_bytes > 0:
         actors = max(1, min(actors, int(0.5 * memory // (2 * model_bytes))))
+    if not compute.decode_actors:
+        actors = _cap_for_rows(actors, rows)
     encode_gpus = (compute.num_gpus if compute.num_gpus > 0 else 1.0) if gpus else 0.0
     if encode_gpus:
         actors = max(1, min(actors, int(gpus // encode_gpus)))
