@@ -83,3 +83,18 @@ def test_random_arch_preset_builds_processor_overrides():
     )
     family = family_for(checkpoint)
     assert family.max_num_patches == 64 and checkpoint.random_weights
+
+
+def test_thumbnails_setting():
+    assert (
+        build_config(None, {"input": {"uri": "x"}, "model": {"name": "m"}}).output.thumbnails == 0
+    )
+    config = build_config(
+        None, parse_assignments(["output.thumbnails=256", "input.uri=x", "model.name=m"])
+    )
+    assert config.output.thumbnails == 256
+    for bad in ("-1", "5000"):
+        with pytest.raises(ConfigError, match="output.thumbnails"):
+            build_config(
+                None, parse_assignments([f"output.thumbnails={bad}", "input.uri=x", "model.name=m"])
+            )

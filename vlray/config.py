@@ -139,6 +139,9 @@ class OutputConfig:
     uri: str = "vlray-output"
     rows_per_file: int = 2048
     dtype: str = "float32"
+    thumbnails: int = 0
+    """Longest side of a JPEG preview per image in ``thumbnails/<sha1(id)>.jpg`` (0: none; the
+    query service shows them); images already smaller keep their size."""
 
 
 @dataclass(frozen=True)
@@ -298,6 +301,8 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"compute.fuse: {config.compute.fuse!r} is not auto/on/off")
     if config.output.dtype not in ("float32", "float16"):
         problems.append(f"output.dtype: {config.output.dtype!r} is not float32 or float16")
+    if not 0 <= config.output.thumbnails <= 4096:
+        problems.append(f"output.thumbnails: {config.output.thumbnails} is not 0 (off) to 4096")
     for section, name in (
         ("compute", "decode_batch_size"),
         ("compute", "encode_batch_size"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pyarrow as pa
 
 STAGES = ("read", "decode", "preprocess", "encode", "write")
@@ -71,3 +73,8 @@ TOKENS_SCHEMA = pa.schema(
     ]
 )
 """``tokens/*.parquet`` (``model.store_tokens``): merged tokens, row-major (grid_h * grid_w, dim)."""
+
+
+def thumbnail_name(item_id: str) -> str:
+    """File name of an item's thumbnail under ``OUT/thumbnails/``: ``sha1(id).jpg``."""
+    return hashlib.sha1(item_id.encode("utf-8")).hexdigest() + ".jpg"

@@ -13,8 +13,10 @@ from PIL import Image
 
 from vlray.config import build_config
 from vlray.ops.decode import decode_image
+from vlray.ops.thumbnail import thumbnail_size
 from vlray.pipeline.job import run_job
 from vlray.query import QueryError, Searcher
+from vlray.schema import thumbnail_name
 from vlray.testing.images import bad_images, sample_photos, unusual_images
 
 pytestmark = pytest.mark.slow
@@ -162,6 +164,7 @@ def test_draft_decode_is_close_to_exact(mixed_parquet, mixed_run, siglip2_checkp
         tmp_path / "draft",
         siglip2_checkpoint,
         input={"max_pixels": 20_000_000, "decode": "draft"},
+        output={"thumbnails": 40},
         index={"enabled": False},
     )
     draft = run_job(config)
@@ -178,6 +181,13 @@ def test_draft_decode_is_close_to_exact(mixed_parquet, mixed_run, siglip2_checkp
     # min 0.9936, mean 0.99974
     assert min(cosines) >= 0.99 and float(np.mean(cosines)) >= 0.999, sorted(cosines)[:5]
     assert min(cosines) < 1.0 - 1e-6, "draft decoding changed nothing: was it applied?"
+    # thumbnails (fused actors, draft decode: never decoded below the thumbnail's size)
+    assert draft["thumbnails"] == draft["embedded"]
+    for key, row in rows.items():
+        thumb = Image.open(tmp_path / "draft" / "thumbnails" / thumbnail_name(key))
+        h, w = thumbnail_size(row["height"], row["width"], 40)
+        assert (thumb.height, thumb.width) == (h, w), key
+    assert len(list((tmp_path / "draft" / "thumbnails").iterdir())) == draft["embedded"]
 
 
 def test_index_and_queries(mixed_run):

@@ -83,9 +83,10 @@ def _prompted_input(path, photos):
     pq.write_table(table, path)
 
 
-def test_one_pass_embeddings_and_masks(siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path):
-    from transformers import SamImageProcessor, SamModel, SamProcessor
-
+@pytest.fixture(scope="module")
+def one_pass(siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path_factory):
+    """Embeddings, masks and 48-pixel thumbnails in one job over the prompted input."""
+    tmp_path = tmp_path_factory.mktemp("one-pass")
     photos = _photos()
     _prompted_input(tmp_path / "in.parquet", photos)
     out = tmp_path / "out"
@@ -93,12 +94,18 @@ def test_one_pass_embeddings_and_masks(siglip2_checkpoint, sam_checkpoint, ray_l
         None,
         {
             "input": {"uri": str(tmp_path / "in.parquet")},
-            "output": {"uri": str(out)},
+            "output": {"uri": str(out), "thumbnails": 48},
             "model": {"name": str(siglip2_checkpoint)},
             "sam": {"name": str(sam_checkpoint), **SAM_FAST},
         },
     )
-    summary = run_job(config)
+    return tmp_path, out, run_job(config)
+
+
+def test_one_pass_embeddings_and_masks(sam_checkpoint, one_pass):
+    from transformers import SamImageProcessor, SamModel, SamProcessor
+
+    tmp_path, out, summary = one_pass
     assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (4, 3, 1)
     assert summary["segmented"] == 3 and summary["accounted"]
     masks = pa.concat_tables([pq.read_table(f) for f in (out / "masks").glob("*.parquet")])
@@ -141,6 +148,56 @@ def test_one_pass_embeddings_and_masks(siglip2_checkpoint, sam_checkpoint, ray_l
         union = np.logical_or(mask, expected).sum()
         iou = np.logical_and(mask, expected).sum() / union if union else 1.0
         assert iou >= 0.99
+
+
+def test_thumbnails_and_masks_are_served(one_pass):
+    """``output.thumbnails``: one JPEG per embedded row (none for the error row), and the query
+    service links and serves them and the masks (``/api/masks`` = the row's ``masks/`` rows)."""
+    from fastapi.testclient import TestClient
+
+    from vlray.schema import thumbnail_name
+    from vlray.serve import ServeConfig, create_app
+
+    tmp_path, out, summary = one_pass
+    assert summary["thumbnails"] == 3
+    source = {r["id"]: r["image"] for r in pq.read_table(tmp_path / "in.parquet").to_pylist()}
+    names = {thumbnail_name(i): i for i in ("points", "boxes", "auto")}
+    assert sorted(p.name for p in (out / "thumbnails").iterdir()) == sorted(names)
+    for name, item_id in names.items():
+        thumb = Image.open(out / "thumbnails" / name)
+        original = decode_image(source[item_id], max_pixels=10**9)
+        h, w = original.shape[:2]
+        assert thumb.format == "JPEG" and max(thumb.size) == 48
+        assert abs(thumb.width / thumb.height - w / h) < 0.05
+
+    masks = pa.concat_tables([pq.read_table(f) for f in (out / "masks").glob("*.parquet")])
+    expected = {}
+    for row in masks.to_pylist():
+        expected.setdefault(row.pop("id"), []).append(row)
+    with TestClient(create_app(ServeConfig(index=str(out / "index")))) as client:
+        info = client.get("/api/info").json()
+        assert info["thumbnails"] is True and info["masks"] == len(expected)
+        hits = client.get("/api/search/id", params={"id": "points", "k": 3}).json()["hits"]
+        assert {h["id"] for h in hits} == {"points", "boxes", "auto"}
+        for hit in hits:
+            assert hit["thumbnail"].startswith("/api/thumbnail?id=")
+            image = client.get(hit["thumbnail"])
+            assert image.status_code == 200 and image.headers["content-type"] == "image/jpeg"
+            assert image.content == (out / "thumbnails" / thumbnail_name(hit["id"])).read_bytes()
+            if hit["id"] not in expected:
+                assert "masks" not in hit
+                assert client.get(f"/api/masks?id={hit['id']}").status_code == 404
+                continue
+            body = client.get(hit["masks"]).json()
+            assert body["id"] == hit["id"] and (body["width"], body["height"]) == (
+                hit["width"],
+                hit["height"],
+            )
+            got = [{k: v for k, v in m.items() if v is not None} for m in body["masks"]]
+            want = [{k: v for k, v in m.items() if v is not None} for m in expected[hit["id"]]]
+            assert got == want
+        assert client.get("/api/masks", params={"id": "broken"}).status_code == 404
+        assert client.get("/api/masks", params={"id": "nope"}).status_code == 404
 
 
 def test_sam_alone_and_incremental(sam_checkpoint, ray_local, tmp_path):

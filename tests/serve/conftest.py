@@ -48,7 +48,7 @@ def embedded(serve_checkpoint, photos):
 @pytest.fixture(scope="session")
 def out_dir(tmp_path_factory, serve_checkpoint, embedded, photos):
     out = tmp_path_factory.mktemp("serve-out")
-    write_out(out, serve_checkpoint, embedded, thumbs=5, photos=photos)
+    write_out(out, serve_checkpoint, embedded, thumbs=5, photos=photos, masks=3)
     return out
 
 

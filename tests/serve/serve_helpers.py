@@ -10,18 +10,56 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
 from vlray.index import build_index
-from vlray.schema import embeddings_schema
+from vlray.schema import MASKS_SCHEMA, embeddings_schema
+
+
+def fake_masks(height: int, width: int) -> list[dict]:
+    """Two masks of an image, as ``masks/`` rows without the id: a box and a disc."""
+    import torch
+
+    from vlray.ops.rle import mask_area, mask_to_bbox_xywh, masks_to_rle
+
+    y, x = np.mgrid[:height, :width]
+    box = (y >= height // 4) & (y < height // 2) & (x >= width // 3) & (x < width - 2)
+    disc = (y - height * 0.6) ** 2 + (x - width * 0.4) ** 2 < (min(height, width) / 5) ** 2
+    masks = torch.from_numpy(np.stack([box, disc]))
+    rows = []
+    for i, (rle, bbox, area) in enumerate(
+        zip(masks_to_rle(masks), mask_to_bbox_xywh(masks), mask_area(masks), strict=True)
+    ):
+        rows.append(
+            {
+                "mask_id": i,
+                "segmentation": rle,
+                "bbox": [float(v) for v in bbox],
+                "area": int(area),
+                "predicted_iou": 0.9 - 0.1 * i,
+                "stability_score": 0.95,
+                "point": [width / 2.0, height / 2.0],
+                "prompt_index": None,
+            }
+        )
+    return rows
 
 
 def write_out(
-    out: Path, checkpoint: Path, embedded, n: int | None = None, thumbs: int = 0, photos=None
+    out: Path,
+    checkpoint: Path,
+    embedded,
+    n: int | None = None,
+    thumbs: int = 0,
+    photos=None,
+    masks: int = 0,
 ):
-    """Writes OUT/embeddings/part-0.parquet and OUT/index for the first ``n`` photos."""
+    """Writes OUT/embeddings/part-0.parquet and OUT/index for the first ``n`` photos, thumbnails
+    for the first ``thumbs`` and OUT/masks/part-0.parquet (``fake_masks``) for the first
+    ``masks``."""
     ids, vectors, widths, heights = embedded
     n = len(ids) if n is None else n
     ids, vectors, widths, heights = ids[:n], vectors[:n], widths[:n], heights[:n]
@@ -37,6 +75,16 @@ def write_out(
         schema=embeddings_schema(dim),
     )
     pq.write_table(table, out / "embeddings" / "part-0.parquet")
+    if masks:
+        (out / "masks").mkdir(exist_ok=True)
+        rows = [
+            {"id": item_id, **row}
+            for item_id, w, h in zip(ids[:masks], widths, heights, strict=False)
+            for row in fake_masks(h, w)
+        ]
+        pq.write_table(
+            pa.Table.from_pylist(rows, schema=MASKS_SCHEMA), out / "masks" / "part-0.parquet"
+        )
     if thumbs:
         (out / "thumbnails").mkdir(exist_ok=True)
         sources = dict(photos or [])

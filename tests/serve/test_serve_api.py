@@ -7,8 +7,11 @@ import statistics
 import time
 
 import httpx
+import numpy as np
 import pytest
+from serve_helpers import fake_masks
 
+from vlray.ops.rle import rle_to_mask
 from vlray.testing.images import bad_images
 
 MAX_PIXELS = 4_000_000
@@ -89,6 +92,33 @@ def test_thumbnails(client, embedded):
     item = client.get("/api/item", params={"id": ids[1]}).json()
     assert item["id"] == ids[1] and item["thumbnail"].startswith("/api/thumbnail?id=")
     assert client.get("/api/item", params={"id": "nope"}).status_code == 404
+
+
+def test_masks(client, embedded):
+    """Hits link the masks of the ids that have some; /api/masks returns the masks/ rows."""
+    ids, _, widths, heights = embedded
+    assert client.get("/api/info").json()["masks"] == 3
+    hits = client.get("/api/search/id", params={"id": ids[0], "k": 20}).json()["hits"]
+    assert {h["id"] for h in hits if "masks" in h} == set(ids[:3])
+    for i in range(3):
+        link = next(h["masks"] for h in hits if h["id"] == ids[i])
+        body = client.get(link).json()
+        assert (body["id"], body["width"], body["height"]) == (ids[i], widths[i], heights[i])
+        expected = fake_masks(heights[i], widths[i])
+        assert [m["mask_id"] for m in body["masks"]] == [0, 1]
+        for got, want in zip(body["masks"], expected, strict=True):
+            assert got["segmentation"] == want["segmentation"]
+            assert np.array_equal(
+                rle_to_mask(got["segmentation"]), rle_to_mask(want["segmentation"])
+            )
+            assert got["bbox"] == want["bbox"] and got["area"] == want["area"]
+            assert got["predicted_iou"] == pytest.approx(want["predicted_iou"])
+        item = client.get("/api/item", params={"id": ids[i]}).json()
+        assert item["masks"] == link
+    for missing in (ids[5], "nope", "../masks/part-0.parquet"):
+        r = client.get("/api/masks", params={"id": missing})
+        assert r.status_code == 404 and "detail" in r.json()
+    assert "masks" not in client.get("/api/item", params={"id": ids[5]}).json()
 
 
 def test_search_by_text(client):

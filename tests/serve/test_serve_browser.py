@@ -6,7 +6,11 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+from serve_helpers import fake_masks
+
+from vlray.ops.rle import _unpack_counts, rle_to_mask
 
 CHROMIUM = shutil.which("chromium") or (
     "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
@@ -45,6 +49,24 @@ def test_web_page(server, photos, tmp_path):
             assert page.locator(".hit").count() == 20
             assert "p=" in page.locator(".hit .score").first.inner_text()
             page.wait_for_selector(".thumb img")  # thumbnails of the first 5 ids load
+            page.wait_for_function("document.querySelectorAll('.thumb canvas.masks').length === 3")
+
+            # the page's RLE decoder and mask drawing agree with vlray.ops.rle, pixel for pixel
+            for mask in fake_masks(37, 53) + fake_masks(120, 90):
+                rle = mask["segmentation"]
+                counts = page.evaluate("(s) => rleCounts(s)", rle["counts"])
+                assert counts == _unpack_counts(rle["counts"]).tolist()
+                alpha = page.evaluate(
+                    """(m) => {
+                        const c = maskCanvas([m], 1000);
+                        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                        return [c.height, c.width, Array.from(d.filter((_, i) => i % 4 === 3))];
+                    }""",
+                    mask,
+                )
+                h, w = rle["size"]
+                drawn = np.array(alpha[2]).reshape(alpha[0], alpha[1]) > 0
+                assert alpha[:2] == [h, w] and np.array_equal(drawn, rle_to_mask(rle))
 
             # image upload (the file input behind the drop zone)
             page.set_input_files("#file", str(query_file))

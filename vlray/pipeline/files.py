@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -16,8 +17,17 @@ import pyarrow as pa
 
 from vlray.config import InputConfig
 from vlray.pipeline.sources import ReadTask, read_task_rows
-from vlray.schema import ERRORS_SCHEMA, MASKS_SCHEMA, TOKENS_SCHEMA, embeddings_schema
-from vlray.storage import Location, write_parquet_atomic
+from vlray.schema import (
+    ERRORS_SCHEMA,
+    MASKS_SCHEMA,
+    TOKENS_SCHEMA,
+    embeddings_schema,
+    thumbnail_name,
+)
+from vlray.storage import Location, write_bytes_atomic, write_parquet_atomic
+
+THUMBNAIL_WRITERS = 16
+"""Thumbnails are one small file (one PUT on S3) per image: written this many at a time."""
 
 
 def one_line(exc: BaseException) -> str:
@@ -83,6 +93,20 @@ class WriteStage:
     def __init__(self, output: Location, dim: int, dtype: str) -> None:
         self.output, self.dim, self.dtype = output, dim, dtype
         self.schema = embeddings_schema(dim, dtype) if dim else None
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _write_thumbnails(self, ids: np.ndarray, blobs: np.ndarray) -> int:
+        """``thumbnails/<sha1(id)>.jpg`` for each non-empty blob; returns how many."""
+        jobs = [
+            (self.output.join("thumbnails", thumbnail_name(str(i))), bytes(b))
+            for i, b in zip(ids, blobs, strict=True)
+            if len(b)
+        ]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(THUMBNAIL_WRITERS, "vlray-thumbnails")
+        for _ in self._pool.map(lambda job: write_bytes_atomic(*job), jobs):
+            pass
+        return len(jobs)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
@@ -94,6 +118,10 @@ class WriteStage:
         n_ok = int(ok.sum())
         n_err = len(errors) - n_ok
         n_masks = 0
+        # thumbnails and masks before embeddings/: a row counts as done once it is there
+        n_thumbs = (
+            self._write_thumbnails(batch["id"][ok], batch["thumb"][ok]) if "thumb" in batch else 0
+        )
         if "masks" in batch and n_ok:
             table = masks_table(batch["id"][ok], batch["masks"][ok])
             n_masks = table.num_rows
@@ -151,6 +179,7 @@ class WriteStage:
             "embedded": np.array([n_ok if self.schema is not None else 0]),
             "segmented": np.array([n_ok if "masks" in batch else 0]),
             "masks": np.array([n_masks]),
+            "thumbnails": np.array([n_thumbs]),
             "errors": np.array([n_err]),
             "groups": np.array([groups]),
             "batches": np.array([batches]),

@@ -82,6 +82,7 @@ def build_dataset(
         "max_pixels": config.input.max_pixels,
         "s3": config.s3,
         "decode": config.input.decode,
+        "thumbnails": config.output.thumbnails,
     }
     if stages.fused:  # plan_resources fuses only one embedding model without SAM
         ds = ds.map_batches(
@@ -338,6 +339,7 @@ STAT_KEYS = (
     "embedded",
     "segmented",
     "masks",
+    "thumbnails",
     "errors",
     "groups",
     "batches",
@@ -484,6 +486,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             "embedded": embedded,
             "segmented": segmented,
             "masks": int(totals.get("masks", 0)),
+            "thumbnails": int(totals.get("thumbnails", 0)),
             "errors": errors,
             "skipped_done": plan.skipped,
             "errors_retried_and_removed": retried,

@@ -20,6 +20,7 @@ from vlray.config import S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
 from vlray.ops.decode import DecodeError, decode_draft, decode_pixels, large_pil_blocks
 from vlray.ops.resize import resize_uint8
+from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
 from vlray.storage import fetch_bytes, scrub
 
@@ -34,7 +35,8 @@ class DecodeStage:
     """Fetch, probe and decode each image once; uint8-resize it to each model's target shape.
 
     Output rows are sorted by the embedding model's target shape, so encoder batches split into
-    few same-shape groups. Per model (prefix ``""`` or ``"sam_"``): ``th``, ``tw``, ``pixels``.
+    few same-shape groups. Per model (prefix ``""`` or ``"sam_"``): ``th``, ``tw``, ``pixels``;
+    with ``thumbnails`` (a longest side), ``thumb``: JPEG bytes of a preview.
     """
 
     def __init__(
@@ -44,9 +46,11 @@ class DecodeStage:
         s3: S3Config,
         sam_checkpoint: Checkpoint | None = None,
         decode: str = "exact",
+        thumbnails: int = 0,
     ) -> None:
         torch.set_num_threads(1)
         large_pil_blocks()
+        self.thumbnails = thumbnails
         self.draft = decode == "draft"
         self.families = [
             (prefix, family_for(c))
@@ -63,6 +67,8 @@ class DecodeStage:
             sizes = [family.target_size(height, width) for _, family in self.families]
         except (UnsupportedImage, ValueError):
             return height, width  # the error is reported by the resize step
+        if self.thumbnails:
+            sizes.append(thumbnail_size(height, width, self.thumbnails))
         return max(h for h, _ in sizes), max(w for _, w in sizes)
 
     def _fetch(self, uri: str) -> bytes | str:
@@ -106,6 +112,8 @@ class DecodeStage:
                 return one_line(exc), "preprocess"
             row[f"{prefix}th"], row[f"{prefix}tw"] = th, tw
             row[f"{prefix}pixels"] = resized.tobytes()
+        if self.thumbnails:
+            row["thumb"] = make_thumbnail(pixels, self.thumbnails)
         return "", ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -124,6 +132,8 @@ class DecodeStage:
         keys = ["width", "height"] + [
             f"{p}{k}" for p, _ in self.families for k in ("th", "tw", "pixels")
         ]
+        if self.thumbnails:
+            keys.append("thumb")
         cols: dict[str, list] = {k: [] for k in keys}
         for i in range(n):
             row: dict[str, Any] = {}
@@ -132,7 +142,8 @@ class DecodeStage:
             if errors[i]:
                 row = {"width": row.get("width", 0), "height": row.get("height", 0)}
             for key in keys:
-                cols[key].append(row.get(key, b"" if key.endswith("pixels") else 0))
+                blank = b"" if key.endswith(("pixels", "thumb")) else 0
+                cols[key].append(row.get(key, blank))
         table = {
             "id": batch.column("id"),
             "source": batch.column("source"),
@@ -142,7 +153,7 @@ class DecodeStage:
             "decode_s": pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1))),
         }
         for key in keys:
-            typ = pa.binary() if key.endswith("pixels") else pa.int32()
+            typ = pa.binary() if key.endswith(("pixels", "thumb")) else pa.int32()
             table[key] = pa.array(cols[key], typ)
         prefix = self.families[0][0]
         return pa.table(table).sort_by([(f"{prefix}th", "ascending"), (f"{prefix}tw", "ascending")])
@@ -254,8 +265,9 @@ class DecodeEncodeStage:
         threads: int,
         store_tokens: bool = False,
         decode: str = "exact",
+        thumbnails: int = 0,
     ) -> None:
-        self.decode = DecodeStage(checkpoint, max_pixels, s3, decode=decode)
+        self.decode = DecodeStage(checkpoint, max_pixels, s3, decode=decode, thumbnails=thumbnails)
         self.encode = EncodeStage(checkpoint, device, dtype, max_group_size, threads, store_tokens)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:

@@ -50,6 +50,7 @@ class Hit(BaseModel):
     width: int | None = Field(None, description="source image width (from embeddings/*.parquet)")
     height: int | None = Field(None, description="source image height")
     thumbnail: str | None = Field(None, description="link to the item's thumbnail, if one exists")
+    masks: str | None = Field(None, description="link to the item's SAM masks, if it has any")
 
 
 class SearchResponse(BaseModel):
@@ -75,6 +76,36 @@ class Item(BaseModel):
     width: int | None = None
     height: int | None = None
     thumbnail: str | None = None
+    masks: str | None = None
+
+
+class Segmentation(BaseModel):
+    """COCO run-length encoding (column-major, pycocotools' compressed string)."""
+
+    size: list[int] = Field(description="[height, width] of the source image")
+    counts: str
+
+
+class MaskRecord(BaseModel):
+    """One mask of ``OUT/masks/*.parquet``."""
+
+    mask_id: int
+    segmentation: Segmentation
+    bbox: list[float] = Field(description="[x, y, w, h] in source pixels (COCO)")
+    area: int
+    predicted_iou: float
+    stability_score: float
+    point: list[float] | None = Field(None, description="automatic mode: the prompt point")
+    prompt_index: int | None = Field(None, description="prompted mode: the prompt's index")
+
+
+class ItemMasks(BaseModel):
+    """An item's SAM masks."""
+
+    id: str
+    width: int | None = None
+    height: int | None = None
+    masks: list[MaskRecord]
 
 
 class IndexInfo(BaseModel):
@@ -89,6 +120,7 @@ class IndexInfo(BaseModel):
     created_at: str | None = None
     text_search: bool
     thumbnails: bool
+    masks: int = Field(description="images with SAM masks in OUT/masks")
     max_k: int
     max_offset: int
     max_upload_bytes: int
@@ -119,6 +151,10 @@ def _decode_status(exc: DecodeError) -> int:
 
 def _thumbnail_link(request: Request, item_id: str) -> str:
     return f"{request.scope.get('root_path', '')}/api/thumbnail?id={quote(item_id, safe='')}"
+
+
+def _masks_link(request: Request, item_id: str) -> str:
+    return f"{request.scope.get('root_path', '')}/api/masks?id={quote(item_id, safe='')}"
 
 
 def _has_text_tower(snap: Snapshot) -> bool:
@@ -263,6 +299,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                     hit["probability"] = float(p.item())
             if snap.thumbnail(item_id) is not None:
                 hit["thumbnail"] = _thumbnail_link(request, item_id)
+            if snap.masks.has(item_id):
+                hit["masks"] = _masks_link(request, item_id)
             hits.append(hit)
         more = (
             len(hits) == k
@@ -301,6 +339,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "created_at": m.get("created_at"),
             "text_search": _has_text_tower(snap),
             "thumbnails": snap.thumbnails is not None,
+            "masks": len(snap.masks),
             "max_k": config.max_k,
             "max_offset": config.max_offset,
             "max_upload_bytes": config.max_upload_bytes,
@@ -416,7 +455,27 @@ def create_app(config: ServeConfig) -> FastAPI:
             "width": width,
             "height": height,
             "thumbnail": _thumbnail_link(request, id) if thumb is not None else None,
+            "masks": _masks_link(request, id) if snap.masks.has(id) else None,
         }
+
+    @api.get(
+        "/masks",
+        response_model=ItemMasks,
+        summary="An item's SAM masks (from OUT/masks/*.parquet)",
+        responses={404: {"description": "not in the index, or no masks"}},
+        **common,
+    )
+    def masks(snap: Snap, id: ItemId) -> dict[str, Any]:
+        if snap.searcher.index.position(id) is None:
+            raise HTTPException(404, f"id {id!r} is not in the index")
+        try:
+            records = snap.masks.masks(id)
+        except (OSError, FileNotFoundError):
+            records = None
+        if records is None:
+            raise HTTPException(404, f"no masks for id {id!r}")
+        width, height = snap.sizes.get(id)
+        return {"id": id, "width": width, "height": height, "masks": records}
 
     @api.get(
         "/thumbnail",

@@ -7,7 +7,6 @@ and never makes a request fail: the old snapshot stays alive until its last requ
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -28,17 +27,14 @@ from vlray.index.search import IdLookup
 from vlray.ops.decode import decode_image
 from vlray.ops.resize import resize_uint8
 from vlray.query import QueryError, Searcher
+from vlray.schema import thumbnail_name
+from vlray.serve.masks import MaskLookup
 from vlray.storage import Location, list_files, locate, read_bytes
 
 logger = logging.getLogger(__name__)
 
 # Manifest keys that decide which model (and preprocessing) a query must use.
 _MODEL_KEYS = ("model", "model_path", "family", "weights", "seed", "processor")
-
-
-def thumbnail_name(item_id: str) -> str:
-    """File name of an item's thumbnail under ``OUT/thumbnails/``: ``sha1(id).jpg``."""
-    return hashlib.sha1(item_id.encode("utf-8")).hexdigest() + ".jpg"
 
 
 class ItemSizes:
@@ -177,6 +173,7 @@ class Snapshot:
     sizes: ItemSizes
     thumbnails: Location | None
     manifest_bytes: bytes
+    masks: MaskLookup = field(default_factory=lambda: MaskLookup(None))
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -292,6 +289,7 @@ class IndexHolder:
             sizes=sizes,
             thumbnails=thumbs if info.type == pafs.FileType.Directory else None,
             manifest_bytes=manifest_bytes,
+            masks=MaskLookup(self._out.join("masks")),
         )
 
     def check(self) -> bool:

@@ -44,6 +44,72 @@ async function loadThumb(link, holder) {
   } catch (e) { /* keep the placeholder */ }
 }
 
+// COCO RLE counts as pycocotools writes them (rleToString): 5 bits per char, offset 48,
+// continuation bit 0x20, sign bit 0x10 on the last char, counts after the 2nd as deltas.
+function rleCounts(text) {
+  const counts = [];
+  let p = 0;
+  while (p < text.length) {
+    let x = 0, k = 0, more = 1;
+    while (more) {
+      const c = text.charCodeAt(p) - 48;
+      x |= (c & 0x1f) << (5 * k);
+      more = c & 0x20;
+      p++; k++;
+      if (!more && (c & 0x10)) x |= -1 << (5 * k);
+    }
+    if (counts.length > 2) x += counts[counts.length - 2];
+    counts.push(x);
+  }
+  return counts;
+}
+
+const PALETTE = [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+  [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]];
+
+// The masks drawn at most `side` pixels wide/high: each output pixel samples the source pixel
+// under its centre, walking the column-major runs once per mask.
+function maskCanvas(masks, side) {
+  if (!masks.length) return null;
+  const [h, w] = masks[0].segmentation.size;
+  const s = Math.min(1, side / Math.max(h, w));
+  const th = Math.max(1, Math.round(h * s)), tw = Math.max(1, Math.round(w * s));
+  const canvas = document.createElement("canvas");
+  canvas.width = tw; canvas.height = th; canvas.className = "masks";
+  const ctx = canvas.getContext("2d");
+  const image = ctx.createImageData(tw, th);
+  masks.forEach((mask, i) => {
+    const counts = rleCounts(mask.segmentation.counts);
+    const [r, g, b] = PALETTE[i % PALETTE.length];
+    let run = 0, start = 0, end = counts[0] || 0;
+    for (let ox = 0; ox < tw; ox++) {
+      const x = Math.min(w - 1, Math.floor((ox + 0.5) / s));
+      for (let oy = 0; oy < th; oy++) {
+        const idx = x * h + Math.min(h - 1, Math.floor((oy + 0.5) / s));
+        if (idx < start) { run = 0; start = 0; end = counts[0] || 0; }
+        while (idx >= end && run < counts.length - 1) { run++; start = end; end += counts[run]; }
+        if (run % 2 === 1 && idx < end) {
+          const o = 4 * (oy * tw + ox);
+          image.data[o] = r; image.data[o + 1] = g; image.data[o + 2] = b; image.data[o + 3] = 110;
+        }
+      }
+    }
+  });
+  ctx.putImageData(image, 0, 0);
+  return canvas;
+}
+
+async function loadMasks(link, holder) {
+  try {
+    const body = await (await api(link)).json();
+    const canvas = maskCanvas(body.masks, 256);
+    if (canvas) {
+      canvas.title = body.masks.length + " masks";
+      holder.appendChild(canvas);
+    }
+  } catch (e) { /* no overlay */ }
+}
+
 function params() {
   const p = new URLSearchParams();
   p.set("k", String(Math.max(1, parseInt($("k").value, 10) || 20)));
@@ -91,7 +157,9 @@ function render(body) {
     const thumb = document.createElement("div");
     thumb.className = "thumb";
     thumb.textContent = hit.width && hit.height ? hit.width + "\u00d7" + hit.height : "no thumbnail";
-    if (hit.thumbnail) loadThumb(hit.thumbnail, thumb);
+    if (hit.thumbnail) {
+      loadThumb(hit.thumbnail, thumb).then(() => { if (hit.masks) loadMasks(hit.masks, thumb); });
+    }
     const score = document.createElement("div");
     score.className = "score";
     score.textContent = "#" + hit.rank + "  " + hit.score.toFixed(4) +
