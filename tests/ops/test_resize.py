@@ -1,0 +1,48 @@
+"""resize_uint8 and pack_rgb: the same RGB values from PIL's 4-byte buffers as from packed RGB."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+
+from vlray.ops.decode import decode_rgb, rgb_pixels
+from vlray.ops.resize import pack_rgb, resize_uint8
+from vlray.testing.images import sample_photos
+
+
+def test_pack_rgb_drops_the_pad_channel():
+    rgbx = np.random.default_rng(0).integers(0, 256, (37, 53, 4), dtype=np.uint8)
+    packed = pack_rgb(rgbx)
+    assert packed.shape == (37, 53, 3) and packed.dtype == np.uint8
+    assert packed.flags.c_contiguous
+    assert np.array_equal(packed, rgbx[..., :3])
+    strided = rgbx[:, ::2]  # not contiguous: the fallback, same values
+    assert np.array_equal(pack_rgb(strided), strided[..., :3])
+
+
+@pytest.mark.parametrize("interpolation", [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
+def test_resize_from_pil_buffer_equals_packed_rgb(interpolation):
+    for _, blob in sample_photos(12):
+        image = decode_rgb(blob, max_pixels=10**8)
+        viewed, packed = rgb_pixels(image), np.asarray(image)
+        assert viewed.shape[2] == 4  # the view path is the one under test
+        h, w = packed.shape[:2]
+        for size in [(h // 3 + 1, w // 2 + 3), (h, w), (2 * h, w)]:
+            a = resize_uint8(viewed, size, interpolation)
+            b = resize_uint8(packed, size, interpolation)
+            assert a.shape == (*size, 3) and a.flags.c_contiguous
+            assert np.array_equal(a, b), (image.size, size)
+
+
+def test_resize_rejects_other_shapes():
+    with pytest.raises(ValueError, match="expected"):
+        resize_uint8(np.zeros((4, 4), np.uint8), (2, 2), InterpolationMode.BILINEAR)
+    with pytest.raises(ValueError, match="expected"):
+        resize_uint8(np.zeros((4, 4, 2), np.uint8), (2, 2), InterpolationMode.BILINEAR)
+
+
+def test_pack_rgb_of_a_pil_image_buffer():
+    image = Image.new("RGB", (31, 17), (200, 100, 50))
+    assert np.array_equal(pack_rgb(rgb_pixels(image)), np.asarray(image))
