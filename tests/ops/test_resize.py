@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
 
 from vlray.ops.decode import decode_rgb, rgb_pixels
 from vlray.ops.resize import pack_rgb, resize_uint8
@@ -46,3 +48,23 @@ def test_resize_rejects_other_shapes():
 def test_pack_rgb_of_a_pil_image_buffer():
     image = Image.new("RGB", (31, 17), (200, 100, 50))
     assert np.array_equal(pack_rgb(rgb_pixels(image)), np.asarray(image))
+
+
+@pytest.mark.parametrize(
+    "interpolation",
+    [
+        InterpolationMode.BILINEAR,
+        InterpolationMode.BICUBIC,
+        InterpolationMode.LANCZOS,  # torchvision's own path (no direct kernel call)
+    ],
+)
+def test_resize_equals_torchvision_on_the_references_layout(interpolation):
+    """The reference resizes a contiguous (3, H, W) tensor with tvF.resize: same values."""
+    rng = np.random.default_rng(1)
+    for h, w, size in [(480, 640, (224, 288)), (97, 131, (288, 224)), (50, 50, (17, 93))]:
+        rgbx = rng.integers(0, 256, (h, w, 4), dtype=np.uint8)
+        chw = torch.from_numpy(np.ascontiguousarray(rgbx[..., :3])).permute(2, 0, 1).contiguous()
+        expected = tvF.resize(chw, list(size), interpolation=interpolation, antialias=True)
+        expected = expected.permute(1, 2, 0).numpy()
+        assert np.array_equal(resize_uint8(rgbx, size, interpolation), expected)
+        assert np.array_equal(resize_uint8(rgbx[..., :3].copy(), size, interpolation), expected)

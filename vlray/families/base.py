@@ -20,6 +20,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.checkpoint import Checkpoint
+from vlray.ops.memory import empty_huge
 
 # PIL resample codes used in preprocessor_config.json -> torchvision interpolation.
 _RESAMPLE = {
@@ -96,7 +97,7 @@ class Normalization:
         contiguous rows instead of 3-element ones.
         """
         if out is None:
-            out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+            out = empty_huge(tuple(images.shape), device=images.device)
         channel_dim %= images.dim()
         shift, scale, multiply = self._statistics(images, channel_dim)
         rows = images.shape[0] if images.dim() else 1

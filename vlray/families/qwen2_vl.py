@@ -36,6 +36,7 @@ from vlray.families.base import (
     interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, CheckpointError
+from vlray.ops.memory import empty_huge
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -338,7 +339,8 @@ class Qwen2VLFamily(Family):
         # Every image is its own t-frame clip: (patches, c, t, p, p), flattened in that order.
         # Normalize straight into frame 0 and copy it to the others, a block row at a time
         # (cache-sized), instead of patchify-copy + normalize + expand-copy of the whole group.
-        out = torch.empty((rows, bw, m, m, c, t, p, p), dtype=torch.float32, device=images.device)
+        shape = (rows, bw, m, m, c, t, p, p)
+        out = empty_huge(shape, device=images.device)
         step = max(1, CHUNK_ELEMENTS // max(source[0].numel(), 1))
         for s in range(0, rows, step):
             frames = out[s : s + step]
