@@ -11,6 +11,7 @@ ratios, and where vlray's time goes (target_size + grouping, uint8 resize, stack
 from __future__ import annotations
 
 import argparse
+import math
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,11 +19,13 @@ import benchutil
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms.v2 import functional as tvF
 
 from vlray.families import family_for, resolve_checkpoint
 from vlray.families.batch import preprocess_images
 from vlray.ops.decode import decode_image, rgb_pixels
-from vlray.ops.resize import resize_uint8
+from vlray.ops.memory import empty_huge
+from vlray.ops.resize import _resize_hwc, pack_rgb, resize_uint8
 from vlray.testing.images import sample_photos
 
 PRESETS = {
@@ -88,8 +91,6 @@ def breakdown(family, pils, repeat):
     )
     # the same resize on a contiguous CHW copy (what a naive caller passes torchvision)
     chws = [torch.from_numpy(i).permute(2, 0, 1).contiguous() for i in rgb]
-    from torchvision.transforms.v2 import functional as tvF
-
     t_resize_chw, _ = benchutil.best_of(
         lambda: [
             tvF.resize(c, list(s), interpolation=family.interpolation, antialias=True)
@@ -129,6 +130,49 @@ def breakdown(family, pils, repeat):
 
     t_norm_contig, alt = benchutil.best_of(contiguous_first, repeat)
     same_values = all(torch.equal(a, b) for a, b in zip(ref, alt, strict=True))
+    # the 4 -> 3 channel pack of the resized RGBX images: Pillow's packer (what vlray does)
+    # vs torch's and numpy's strided copies (same bytes, checked)
+    padded = [
+        _resize_hwc(torch.from_numpy(i), s, family.interpolation).numpy()
+        for i, s in zip(images, sizes, strict=True)
+        if i.shape[2] == 4 and tuple(i.shape[:2]) != tuple(s)
+    ]
+    t_pack_pil, packed = benchutil.best_of(lambda: [pack_rgb(a) for a in padded], repeat)
+    t_pack_torch, packed_t = benchutil.best_of(
+        lambda: [torch.from_numpy(a)[..., :3].contiguous().numpy() for a in padded], repeat
+    )
+    t_pack_np, _ = benchutil.best_of(
+        lambda: [np.ascontiguousarray(a[..., :3]) for a in padded], repeat
+    )
+    packs_equal = all(np.array_equal(a, b) for a, b in zip(packed, packed_t, strict=True))
+    # the resize through tvF.resize (Python dispatch) vs torch's kernel called directly
+    t_tvf, _ = benchutil.best_of(
+        lambda: [
+            tvF.resize(
+                torch.from_numpy(i).permute(2, 0, 1), list(s), family.interpolation, antialias=True
+            )
+            for i, s in zip(images, sizes, strict=True)
+            if tuple(i.shape[:2]) != tuple(s)
+        ],
+        repeat,
+    )
+    t_direct, _ = benchutil.best_of(
+        lambda: [
+            _resize_hwc(torch.from_numpy(i), s, family.interpolation)
+            for i, s in zip(images, sizes, strict=True)
+            if tuple(i.shape[:2]) != tuple(s)
+        ],
+        repeat,
+    )
+    # the float32 outputs of all groups written into fresh torch.empty buffers vs buffers
+    # advised as huge pages (what vlray's normalization allocates)
+    shapes = [tuple(r.shape) for r in ref]
+
+    def fill(alloc):
+        return [alloc(shape).fill_(0.5) for shape in shapes]
+
+    t_fresh, _ = benchutil.best_of(lambda: fill(torch.empty), repeat)
+    t_huge, _ = benchutil.best_of(lambda: fill(empty_huge), repeat)
     # what fraction of the images needed no resize (already at the target shape)
     same = sum(tuple(i.shape[:2]) == tuple(s) for i, s in zip(images, sizes, strict=True))
     return {
@@ -142,6 +186,15 @@ def breakdown(family, pils, repeat):
         "normalize_channels_last": t_norm_cl,
         "normalize_contiguous_first": t_norm_contig,
         "normalize_variants_equal": same_values,
+        "pack_pillow": t_pack_pil,
+        "pack_torch": t_pack_torch,
+        "pack_numpy": t_pack_np,
+        "packs_equal": packs_equal,
+        "resize_tvf": t_tvf,
+        "resize_direct_kernel": t_direct,
+        "outputs_fresh": t_fresh,
+        "outputs_huge_pages": t_huge,
+        "output_mib": sum(4 * math.prod(shape) for shape in shapes) / 2**20,
         "groups": len(groups),
         "no_resize_needed": same,
     }
@@ -285,6 +338,15 @@ def main() -> None:
                 f"{1e3 * p['normalize_channels_last']:6.1f} vs contiguous NCHW copy first "
                 f"{1e3 * p['normalize_contiguous_first']:6.1f} "
                 f"(equal: {p['normalize_variants_equal']})"
+            )
+            print(
+                f"  {'':9s} pack 4 -> 3 channels: Pillow (as now) {1e3 * p['pack_pillow']:6.1f} vs "
+                f"torch {1e3 * p['pack_torch']:6.1f} vs numpy {1e3 * p['pack_numpy']:6.1f} "
+                f"(equal: {p['packs_equal']}); resize kernel called directly (as now) "
+                f"{1e3 * p['resize_direct_kernel']:6.1f} vs through tvF.resize "
+                f"{1e3 * p['resize_tvf']:6.1f}; writing the {p['output_mib']:.0f} MiB of outputs: "
+                f"huge-page buffers (as now) {1e3 * p['outputs_huge_pages']:6.1f} vs torch.empty "
+                f"{1e3 * p['outputs_fresh']:6.1f}"
             )
         for name, _family, ref, _pil in ref_ops:
             print(f"  reference {name} top ops (tv backend): {ref}")
