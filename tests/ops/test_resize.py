@@ -68,3 +68,14 @@ def test_resize_equals_torchvision_on_the_references_layout(interpolation):
         expected = expected.permute(1, 2, 0).numpy()
         assert np.array_equal(resize_uint8(rgbx, size, interpolation), expected)
         assert np.array_equal(resize_uint8(rgbx[..., :3].copy(), size, interpolation), expected)
+
+
+def test_resize_keeps_the_pad_channel_when_asked():
+    image = decode_rgb(next(iter(sample_photos(1)))[1], max_pixels=10**8)
+    viewed = rgb_pixels(image)
+    size = (viewed.shape[0] // 2, viewed.shape[1] // 3)
+    padded = resize_uint8(viewed, size, InterpolationMode.BILINEAR, pack=False)
+    assert padded.shape == (*size, 4)
+    packed = resize_uint8(np.asarray(image), size, InterpolationMode.BILINEAR, pack=False)
+    assert packed.shape == (*size, 3)  # nothing to drop from 3 channels
+    assert np.array_equal(padded[..., :3], packed)

@@ -215,6 +215,11 @@ class Family(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
     produces_embeddings: ClassVar[bool] = True
+    packed_groups: ClassVar[bool] = False
+    """Whether ``preprocess`` reads packed RGB groups faster than PIL's 4-byte pixels (in
+    ``batch.preprocess_images``): True where it gathers patches whose rows then hold 3 * patch
+    contiguous bytes (SigLIP2: 3x); channel-first outputs read one channel at a time either
+    way, and packing first is a copy more, one that holds the GIL in Pillow's packer."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint

@@ -46,16 +46,20 @@ def preprocess_images(
         groups.setdefault(size, []).append(index)
 
     def resize(index: int) -> np.ndarray:
-        return resize_uint8(pixels[index], sizes[index], family.interpolation)
+        return resize_uint8(
+            pixels[index], sizes[index], family.interpolation, pack=family.packed_groups
+        )
 
     out = []
     for (height, width), indices in groups.items():
-        # packed RGB groups: the normalization's uint8 -> float copy then reads 3 * patch-width
-        # contiguous bytes at a time (3x faster than from 4-byte pixels, bench/preprocess.py)
-        batch = np.empty((len(indices), height, width, 3), dtype=np.uint8)
+        # packed RGB where the family's normalization reads it faster (see
+        # Family.packed_groups); else PIL's 4-byte pixels stay 4 channels up to the
+        # normalization's uint8 -> float copy, which reads the RGB channels directly
+        channels = 3 if family.packed_groups else max(pixels[i].shape[2] for i in indices)
+        batch = np.empty((len(indices), height, width, channels), dtype=np.uint8)
         resized = pool.map(resize, indices) if pool is not None else map(resize, indices)
         for slot, array in enumerate(resized):
-            batch[slot] = array
-        group = torch.from_numpy(batch).permute(0, 3, 1, 2)
+            batch[slot, ..., : array.shape[2]] = array
+        group = torch.from_numpy(batch).permute(0, 3, 1, 2)[:, :3]
         out.append((indices, family.preprocess(group)))
     return out

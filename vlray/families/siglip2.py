@@ -98,6 +98,7 @@ class Siglip2Family(Family):
 
     name = "siglip2"
     model_types = ("siglip2", "siglip2_vision_model")
+    packed_groups = True  # 48 contiguous bytes per patch row instead of 3 (bench/preprocess)
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)

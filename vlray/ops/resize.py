@@ -21,6 +21,7 @@ def resize_uint8(
     pixels: np.ndarray,
     size: tuple[int, int],
     interpolation: InterpolationMode,
+    pack: bool = True,
 ) -> np.ndarray:
     """Resizes an RGB image in uint8 exactly as transformers' TorchvisionBackend.resize does.
 
@@ -35,10 +36,13 @@ def resize_uint8(
         pixels: (H, W, 3) or (H, W, 4) uint8, values in [0, 255]; channels 0-2 are RGB.
         size: target (height, width).
         interpolation: torchvision interpolation mode.
+        pack: drop a 4-channel input's pad channel (:func:`pack_rgb`); False returns
+            (height, width, 4) for callers whose next copy reads the RGB channels anyway.
 
     Returns:
         (height, width, 3) uint8 C-contiguous array (read-only when it was packed from 4
-        channels: it shares the packer's bytes).
+        channels: it shares the packer's bytes); (height, width, 4) with ``pack=False`` and a
+        4-channel input.
     """
     if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected (H, W, 3) or (H, W, 4) pixels, got shape {pixels.shape}")
@@ -46,7 +50,7 @@ def resize_uint8(
         out = torch.from_numpy(pixels)
     else:
         out = _resize_hwc(torch.from_numpy(pixels), (int(size[0]), int(size[1])), interpolation)
-    if out.shape[2] == 4:
+    if out.shape[2] == 4 and pack:
         return pack_rgb(out.numpy())
     return out.contiguous().numpy()
 
