@@ -163,12 +163,12 @@ def _normalize(
 ) -> None:
     """out = (images - shift) / scale (or * scale), in pieces of about ``chunk`` elements along
     the first axis (None: in one piece)."""
-    rows = images.shape[0] if images.dim() else 1
-    per_row = images[0].numel() if images.dim() and rows else 1
+    rows = images.shape[0]
+    per_row = images[0].numel() if rows else 1
     step = rows if chunk is None else max(1, chunk // max(per_row, 1))
-    for s in range(0, rows, step):
-        piece = out[s : s + step] if images.dim() else out
-        piece.copy_(images[s : s + step] if images.dim() else images)
+    for s in range(0, rows, max(step, 1)):
+        piece = out[s : s + step]
+        piece.copy_(images[s : s + step])
         if shift is not None:
             piece.sub_(shift)
         if scale is not None:
