@@ -132,11 +132,12 @@ def breakdown(family, pils, repeat):
     same_values = all(torch.equal(a, b) for a, b in zip(ref, alt, strict=True))
     # the 4 -> 3 channel pack of the resized RGBX images: Pillow's packer (what vlray does)
     # vs torch's and numpy's strided copies (same bytes, checked)
-    padded = [
-        _resize_hwc(torch.from_numpy(i), s, family.interpolation).numpy()
+    needed = [
+        (torch.from_numpy(i), s)
         for i, s in zip(images, sizes, strict=True)
-        if i.shape[2] == 4 and tuple(i.shape[:2]) != tuple(s)
+        if tuple(i.shape[:2]) != tuple(s)
     ]
+    padded = [_resize_hwc(t, s, family.interpolation).numpy() for t, s in needed if t.shape[2] == 4]
     t_pack_pil, packed = benchutil.best_of(lambda: [pack_rgb(a) for a in padded], repeat)
     t_pack_torch, packed_t = benchutil.best_of(
         lambda: [torch.from_numpy(a)[..., :3].contiguous().numpy() for a in padded], repeat
@@ -148,21 +149,13 @@ def breakdown(family, pils, repeat):
     # the resize through tvF.resize (Python dispatch) vs torch's kernel called directly
     t_tvf, _ = benchutil.best_of(
         lambda: [
-            tvF.resize(
-                torch.from_numpy(i).permute(2, 0, 1), list(s), family.interpolation, antialias=True
-            )
-            for i, s in zip(images, sizes, strict=True)
-            if tuple(i.shape[:2]) != tuple(s)
+            tvF.resize(t.permute(2, 0, 1), list(s), family.interpolation, antialias=True)
+            for t, s in needed
         ],
         repeat,
     )
     t_direct, _ = benchutil.best_of(
-        lambda: [
-            _resize_hwc(torch.from_numpy(i), s, family.interpolation)
-            for i, s in zip(images, sizes, strict=True)
-            if tuple(i.shape[:2]) != tuple(s)
-        ],
-        repeat,
+        lambda: [_resize_hwc(t, s, family.interpolation) for t, s in needed], repeat
     )
     # the float32 outputs of all groups written into fresh torch.empty buffers vs buffers
     # advised as huge pages (what vlray's normalization allocates)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -24,7 +25,7 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 MIN_ADVISED_BYTES = 8 * HUGE_PAGE
 
 
-def _madvise() -> ctypes._CFuncPtr | None:
+def _madvise() -> Callable[[int, int, int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:

@@ -111,7 +111,8 @@ class DecodeStage:
             except (UnsupportedImage, ValueError, RuntimeError) as exc:
                 return one_line(exc), "preprocess"
             row[f"{prefix}th"], row[f"{prefix}tw"] = th, tw
-            row[f"{prefix}pixels"] = resized.tobytes()
+            # a flat view: pa.array copies it once into the column (tobytes was a copy more)
+            row[f"{prefix}pixels"] = resized.reshape(-1).data
         if self.thumbnails:
             row["thumb"] = make_thumbnail(pixels, self.thumbnails)
         return "", ""
