@@ -98,3 +98,12 @@ def test_thumbnails_setting():
             build_config(
                 None, parse_assignments([f"output.thumbnails={bad}", "input.uri=x", "model.name=m"])
             )
+
+
+def test_gpu_decode_is_a_choice_without_thumbnails():
+    base = ["input.uri=x", "model.name=m"]
+    assert build_config(None, parse_assignments([*base, "input.decode=gpu"])).input.decode == "gpu"
+    with pytest.raises(ConfigError, match="input.decode: 'nvjpeg' is not exact, draft or gpu"):
+        build_config(None, parse_assignments([*base, "input.decode=nvjpeg"]))
+    with pytest.raises(ConfigError, match="thumbnails are made by the CPU decode"):
+        build_config(None, parse_assignments([*base, "input.decode=gpu", "output.thumbnails=64"]))

@@ -58,7 +58,10 @@ class InputConfig:
     """"exact": full decode, model inputs bit-identical to the reference processor. "draft":
     JPEGs much larger than the model's input are decoded at 1/2, 1/4 or 1/8 scale in the DCT
     domain, never below the target size (faster; close to but not equal to the reference:
-    measured quality bound in docs/BENCHMARKS.md)."""
+    measured quality bound in docs/BENCHMARKS.md). "gpu": plain RGB JPEGs (no EXIF rotation)
+    are decoded in batches on the encoder's GPU (nvJPEG, through torchvision) and resized there;
+    everything else decodes as exact. Needs a GPU, one embedding model and no SAM; not
+    bit-identical (a different IDCT and a float resize)."""
     rows_per_block: int = 128
     """Rows per read block; small blocks keep every decode actor busy on small inputs. 128 (the
     default encoder batch) measured 15% faster end to end than 64 on 2 CPUs: each actor batch
@@ -295,8 +298,13 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"sam.mode: {config.sam.mode!r} is not auto/automatic/prompted")
     if config.sam.weights not in ("pretrained", "random"):
         problems.append(f"sam.weights: {config.sam.weights!r} is not 'pretrained' or 'random'")
-    if config.input.decode not in ("exact", "draft"):
-        problems.append(f"input.decode: {config.input.decode!r} is not exact or draft")
+    if config.input.decode not in ("exact", "draft", "gpu"):
+        problems.append(f"input.decode: {config.input.decode!r} is not exact, draft or gpu")
+    if config.input.decode == "gpu" and config.output.thumbnails:
+        problems.append(
+            "input.decode: gpu decodes on the encoder's GPU, and thumbnails are made by the "
+            "CPU decode: use output.thumbnails 0 or input.decode exact"
+        )
     if config.compute.fuse not in ("auto", "on", "off"):
         problems.append(f"compute.fuse: {config.compute.fuse!r} is not auto/on/off")
     if config.output.dtype not in ("float32", "float16"):

@@ -190,6 +190,19 @@ def test_draft_decode_is_close_to_exact(mixed_parquet, mixed_run, siglip2_checkp
     assert len(list((tmp_path / "draft" / "thumbnails").iterdir())) == draft["embedded"]
 
 
+def test_gpu_decode_without_a_gpu_is_a_clear_error(
+    mixed_parquet, mixed_run, siglip2_checkpoint, tmp_path
+):
+    """input.decode=gpu on a CPU-only cluster: refused before any row is read, nothing written."""
+    from vlray.config import ConfigError
+
+    folder, *_ = mixed_parquet
+    config = _config(folder, tmp_path / "gpu", siglip2_checkpoint, input={"decode": "gpu"})
+    with pytest.raises(ConfigError, match="no GPU for the encoder"):
+        run_job(config)
+    assert not list((tmp_path / "gpu").glob("**/*.parquet"))
+
+
 def test_index_and_queries(mixed_run):
     import faiss
 

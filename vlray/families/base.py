@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, ClassVar
 
 import torch
@@ -127,20 +128,11 @@ class Normalization:
         x * scale when ``multiply`` (rescale only), with the reference's float32 constants."""
         shape = [1] * (images.dim() - channel_dim)
         shape[0] = -1
-        device = images.device
-        if self.do_rescale and self.do_normalize:
-            # The reference fuses rescale into mean/std: (x - mean/r) / (std/r), in float32.
-            shift = torch.tensor(self.mean) * (1.0 / self.rescale_factor)
-            scale = torch.tensor(self.std) * (1.0 / self.rescale_factor)
-        elif self.do_normalize:
-            shift = torch.tensor(self.mean)
-            scale = torch.tensor(self.std)
-        elif self.do_rescale:
-            return None, self.rescale_factor, True
-        else:
-            return None, None, False
+        if not self.do_normalize:
+            return None, (self.rescale_factor if self.do_rescale else None), self.do_rescale
         multiply = False
-        shift, scale = shift.to(device).view(shape), scale.to(device).view(shape)
+        shift, scale = _channel_statistics(self, images.device)
+        shift, scale = shift.view(shape), scale.view(shape)
         if math.prod(images.shape[channel_dim + 1 :]) < _LONG_ROW:
             # channels (nearly) last: materialize the statistics over the trailing axes, from
             # the first axis after which at least _LONG_ROW elements follow
@@ -151,6 +143,20 @@ class Normalization:
             shift = shift.expand(trailing).contiguous()
             scale = scale.expand(trailing).contiguous()
         return shift, scale, multiply
+
+
+@lru_cache(maxsize=64)
+def _channel_statistics(
+    normalization: Normalization, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift, scale) float32 (C,) on ``device``: the reference's constants, made once per
+    device (a copy to a GPU per call would wait for the work queued before it)."""
+    n = normalization
+    shift, scale = torch.tensor(n.mean), torch.tensor(n.std)
+    if n.do_rescale:
+        # The reference fuses rescale into mean/std: (x - mean/r) / (std/r), in float32.
+        shift, scale = shift * (1.0 / n.rescale_factor), scale * (1.0 / n.rescale_factor)
+    return shift.to(device), scale.to(device)
 
 
 def _normalize(
@@ -193,8 +199,14 @@ class ImageEncoder(ABC):
     dtype: torch.dtype
 
     @abstractmethod
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Model inputs of one same-shape group (on any device) -> (B, dim) float32 unit
+        vectors on the encoder's device, without waiting for the device: a caller encoding
+        several groups copies them back once, and the GPU runs ahead of the CPU meanwhile."""
+
     def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Model inputs of one same-shape group -> (B, dim) float32 unit vectors, on CPU."""
+        return self.embed(inputs).cpu()
 
 
 class TextEncoder(ABC):

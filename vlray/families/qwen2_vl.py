@@ -260,10 +260,11 @@ class Qwen2VLImageEncoder(ImageEncoder):
         return merged.reshape(b, -1, merged.shape[-1])
 
     @torch.inference_mode()
-    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """pixel_values + image_grid_thw of one group -> (B, dim) float32 unit vectors on CPU."""
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pixel_values + image_grid_thw of one group -> (B, dim) float32 unit vectors on the
+        device."""
         pooled = self.merged_tokens(inputs).float().mean(dim=1)
-        return F.normalize(pooled, dim=-1).cpu()
+        return F.normalize(pooled, dim=-1)
 
 
 class Qwen2VLFamily(Family):
@@ -342,6 +343,8 @@ class Qwen2VLFamily(Family):
         shape = (rows, bw, m, m, c, t, p, p)
         out = empty_huge(shape, device=images.device)
         step = max(1, CHUNK_ELEMENTS // max(source[0].numel(), 1))
+        if images.device.type != "cpu":  # no cache to fit: one launch per op for the group
+            step = max(rows, 1)
         for s in range(0, rows, step):
             frames = out[s : s + step]
             self.normalization.apply_into(source[s : s + step], frames[..., 0, :, :], channel_dim=4)

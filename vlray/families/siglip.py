@@ -72,11 +72,11 @@ class SiglipImageEncoder(ImageEncoder):
         self.dim = int(self.vision.config.hidden_size)
 
     @torch.inference_mode()
-    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) float32 -> (B, dim) float32 unit vectors on CPU."""
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) float32 -> (B, dim) float32 unit vectors on the device."""
         pixels = inputs["pixel_values"].to(self.device, self.dtype, non_blocking=True)
         pooled = self.vision(pixel_values=pixels).pooler_output
-        return F.normalize(pooled.float(), dim=-1).cpu()
+        return F.normalize(pooled.float(), dim=-1)
 
 
 class SiglipFamily(Family):

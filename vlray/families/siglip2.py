@@ -79,8 +79,9 @@ class Siglip2ImageEncoder(ImageEncoder):
         return self._positions[key]
 
     @torch.inference_mode()
-    def encode(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """pixel_values (B, N, p*p*3) float32 of one shape + spatial_shapes (B, 2) -> (B, dim)."""
+    def embed(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """pixel_values (B, N, p*p*3) float32 of one shape + spatial_shapes (B, 2) -> (B, dim)
+        unit vectors on the device."""
         pixels = inputs["pixel_values"].to(self.device, self.dtype, non_blocking=True)
         nh, nw = (int(v) for v in inputs["spatial_shapes"][0])
         if nh * nw != pixels.shape[1]:
@@ -90,7 +91,7 @@ class Siglip2ImageEncoder(ImageEncoder):
         hidden = self.vision.encoder(inputs_embeds=hidden, attention_mask=None).last_hidden_state
         hidden = self.vision.post_layernorm(hidden)
         pooled = self.vision.head(hidden)
-        return F.normalize(pooled.float(), dim=-1).cpu()
+        return F.normalize(pooled.float(), dim=-1)
 
 
 class Siglip2Family(Family):

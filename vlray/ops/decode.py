@@ -292,6 +292,32 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> np.ndarray:
     return pixels if isinstance(pixels, np.ndarray) else rgb_pixels(pixels)
 
 
+def plain_jpeg_size(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
+    """(height, width) of a JPEG another decoder may decode as PIL would show it, else None.
+
+    Such a JPEG is RGB (not grayscale or CMYK), has no EXIF rotation, and ends in an EOI
+    marker (truncated files go to PIL, which reports them). Reads the header only, with the
+    pixel limit, for ``input.decode: gpu`` (the GPU decodes these; the rest decode here).
+
+    Raises:
+        DecodeError: empty or unrecognised data, or more than ``max_pixels`` pixels.
+    """
+    _check_nonempty(data)
+    fmt: str | None = None
+    try:
+        with _open(data) as img:
+            fmt = img.format
+            orientation, height, width = _header(img, max_pixels)
+            plain = fmt == "JPEG" and img.mode == "RGB" and orientation == 1
+    except DecodeError:
+        raise
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError...
+        raise _wrap(exc, fmt) from None
+    if not plain or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+        return None
+    return height, width
+
+
 def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
     """torchvision's decode of a complete JPEG (EOI marker present; truncated files go to PIL,
     which reports them) when the self-check passed here, else None."""

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlray.config import JobConfig, ModelConfig, SamConfig, to_dict
+from vlray.config import ConfigError, JobConfig, ModelConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
@@ -460,6 +460,18 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                 fusable=checkpoint is not None and sam_checkpoint is None,
                 rows=plan.rows,
             )
+            if config.input.decode == "gpu" and (stages.device != "cuda" or sam_checkpoint):
+                raise ConfigError(
+                    [
+                        "input.decode: gpu decodes JPEGs on the embedding model's GPU: "
+                        + (
+                            "not with SAM masks"
+                            if sam_checkpoint
+                            else "this Ray cluster has no GPU for the encoder (compute.num_gpus)"
+                        )
+                        + "; use input.decode exact or draft"
+                    ]
+                )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for key in STAT_KEYS:

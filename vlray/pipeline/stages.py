@@ -15,10 +15,18 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as tvF
 
 from vlray.config import S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
-from vlray.ops.decode import DecodeError, decode_draft, decode_pixels, large_pil_blocks
+from vlray.ops.decode import (
+    DecodeError,
+    decode_draft,
+    decode_pixels,
+    large_pil_blocks,
+    plain_jpeg_size,
+)
 from vlray.ops.resize import resize_uint8
 from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
@@ -52,6 +60,7 @@ class DecodeStage:
         large_pil_blocks()
         self.thumbnails = thumbnails
         self.draft = decode == "draft"
+        self.gpu = decode == "gpu"  # plain JPEGs pass through encoded, for the encoder's GPU
         self.families = [
             (prefix, family_for(c))
             for prefix, c in zip(HEADS, (checkpoint, sam_checkpoint), strict=True)
@@ -92,6 +101,13 @@ class DecodeStage:
 
     def _one(self, data: bytes, row: dict[str, Any]) -> tuple[str, str]:
         """Decodes ``data`` into ``row``; returns (error, stage), empty when fine."""
+        if self.gpu:
+            try:
+                size = plain_jpeg_size(data, max_pixels=self.max_pixels)
+            except DecodeError as exc:
+                return one_line(exc), "decode"
+            if size is not None:
+                return self._pass_encoded(data, size, row)
         try:
             # decode_pixels probes the header (pixel limit) before decoding, then decodes
             # plain JPEGs with torchvision (same pixels as PIL, faster) and the rest with PIL
@@ -117,6 +133,21 @@ class DecodeStage:
             row["thumb"] = make_thumbnail(pixels, self.thumbnails)
         return "", ""
 
+    def _pass_encoded(
+        self, data: bytes, size: tuple[int, int], row: dict[str, Any]
+    ) -> tuple[str, str]:
+        """A plain JPEG for the encoder to decode on its GPU: its bytes where the pixels go,
+        ``encoded`` 1, the target shape from the header."""
+        row["height"], row["width"] = size
+        for prefix, family in self.families:
+            try:
+                row[f"{prefix}th"], row[f"{prefix}tw"] = family.target_size(*size)
+            except (UnsupportedImage, ValueError) as exc:
+                return one_line(exc), "preprocess"
+            row[f"{prefix}pixels"] = data
+        row["encoded"] = 1
+        return "", ""
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         n = batch.num_rows
@@ -135,6 +166,8 @@ class DecodeStage:
         ]
         if self.thumbnails:
             keys.append("thumb")
+        if self.gpu:
+            keys.append("encoded")
         cols: dict[str, list] = {k: [] for k in keys}
         for i in range(n):
             row: dict[str, Any] = {}
@@ -200,19 +233,29 @@ class EncodeStage:
         grids = np.zeros((n, 2), dtype=np.int32)
         ok = np.flatnonzero(errors == "")
         keys = batch["th"][ok].astype(np.int64) * 1_000_000 + batch["tw"][ok]
+        encoded = batch.get("encoded")  # input.decode gpu: 1 where pixels holds JPEG bytes
+        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # embeddings still on the device
         for key in np.unique(keys):
             rows = ok[keys == key]
             th, tw = divmod(int(key), 1_000_000)
             for s in range(0, len(rows), self.max_group_size):
                 group = rows[s : s + self.max_group_size]
                 try:
-                    pixels = np.stack(
-                        [
-                            np.frombuffer(batch["pixels"][i], np.uint8).reshape(th, tw, 3)
-                            for i in group
-                        ]
-                    )
-                    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+                    if encoded is not None and encoded[group].any():
+                        images, group, failed = decode_group(
+                            batch["pixels"],
+                            group,
+                            encoded,
+                            (th, tw),
+                            self.device,
+                            self.family.interpolation,
+                        )
+                        for row, (message, stage) in failed.items():
+                            errors[row], stages[row] = message, stage
+                        if not len(group):
+                            continue
+                    else:
+                        images = stack_group(batch["pixels"], group, (th, tw), self.device)
                     inputs = self.family.preprocess(images)
                 except Exception as exc:  # a bad group must not lose the batch
                     errors[group], stages[group] = one_line(exc), "preprocess"
@@ -226,14 +269,29 @@ class EncodeStage:
                         for j, i in enumerate(group):
                             tokens[i] = matrix[j].numpy().tobytes()
                             grids[i] = (th // cell, tw // cell)
+                        group_size[group] = len(group)
                     else:
-                        embeddings[group] = self.encoder.encode(inputs).numpy()
-                    group_size[group] = len(group)
+                        pending.append((group, self.encoder.embed(inputs)))
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as exc:
                     errors[group], stages[group] = one_line(exc), "encode"
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "th", "tw")}
+        if pending:
+            try:
+                with torch.inference_mode():  # one copy back (and wait) per batch
+                    vectors = torch.cat([v for _, v in pending]).cpu().numpy()
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:  # an asynchronous device error surfaces here
+                for group, _ in pending:
+                    errors[group], stages[group] = one_line(exc), "encode"
+            else:
+                start_row = 0
+                for group, _ in pending:
+                    embeddings[group] = vectors[start_row : start_row + len(group)]
+                    group_size[group] = len(group)
+                    start_row += len(group)
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "th", "tw", "encoded")}
         out.update(
             embedding=embeddings,
             error=errors.astype(str),
@@ -380,13 +438,8 @@ class MaskStage:
             for s in range(0, len(rows), self.settings.batch_size):
                 group = rows[s : s + self.settings.batch_size]
                 try:
-                    pixels = np.stack(
-                        [
-                            np.frombuffer(batch["sam_pixels"][i], np.uint8).reshape(th, tw, 3)
-                            for i in group
-                        ]
-                    )
-                    inputs = self.family.preprocess(torch.from_numpy(pixels).permute(0, 3, 1, 2))
+                    images = stack_group(batch["sam_pixels"], group, (th, tw), self.device)
+                    inputs = self.family.preprocess(images)
                     embeddings = self.generator.image_embeddings(inputs["pixel_values"])
                 except Exception as exc:  # a bad group must not lose the batch
                     errors[group], stages[group] = one_line(exc), "encode"
@@ -414,6 +467,95 @@ class MaskStage:
             mask_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
         )
         return out
+
+
+def stack_group(
+    cells: np.ndarray, rows: np.ndarray, size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
+    """Rows' packed RGB pixel cells of one target size -> uint8 (B, 3, H, W) on ``device``.
+
+    A channels-last view of one stacked copy. For a GPU the copy goes to page-locked host
+    memory and on to the device without blocking: the GPU gets uint8 (a quarter of the float32
+    bytes) and preprocesses there, while the CPU goes on to the next group. Torch's pinned
+    allocator keeps the buffer until its copy is done.
+
+    Raises:
+        ValueError: a cell whose length is not ``height * width * 3``.
+    """
+    height, width = size
+    pinned = device.type == "cuda"
+    host = torch.empty((len(rows), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
+    view = host.numpy()
+    for slot, row in enumerate(rows):
+        view[slot] = np.frombuffer(cells[row], np.uint8).reshape(height, width, 3)
+    images = host.to(device, non_blocking=True) if pinned else host
+    return images.permute(0, 3, 1, 2)
+
+
+GPU_DECODE_CHUNK = 64
+"""JPEGs decoded per batched call: bounds the full-size frames held on the device at once."""
+
+
+def decode_group(
+    cells: np.ndarray,
+    rows: np.ndarray,
+    encoded: np.ndarray,
+    size: tuple[int, int],
+    device: torch.device,
+    interpolation: InterpolationMode,
+) -> tuple[torch.Tensor, np.ndarray, dict[int, tuple[str, str]]]:
+    """Rows of one target size, some holding JPEG bytes (``encoded``), -> uint8 (B, 3, H, W)
+    on ``device``, the rows it holds, and ``{row: (error, stage)}`` for the rows it dropped.
+
+    ``input.decode: gpu``: the JPEGs are decoded by torchvision's batched ``decode_jpeg`` on
+    ``device`` (nvJPEG on a GPU) and resized there (antialiased, the family's filter); a
+    chunk the decoder refuses is retried image by image, and an image it refuses is decoded
+    on the CPU as ``exact`` does (PIL's error for bad data). Rows holding pixels are used as
+    they are.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    height, width = size
+    jpegs = [int(r) for r in rows if encoded[r]]
+    decoded: dict[int, torch.Tensor | None] = {}
+    for s in range(0, len(jpegs), GPU_DECODE_CHUNK):
+        chunk = jpegs[s : s + GPU_DECODE_CHUNK]
+        datas = [torch.frombuffer(bytearray(cells[r]), dtype=torch.uint8) for r in chunk]
+        try:
+            frames = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            frames = []
+            for data in datas:
+                try:
+                    frames.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError:
+                    frames.append(None)
+        for r, frame in zip(chunk, frames, strict=True):
+            if frame is not None and tuple(frame.shape[1:]) != (height, width):
+                frame = tvF.resize(frame, [height, width], interpolation, antialias=True)
+            decoded[r] = frame
+    pieces, kept, failed = [], [], {}
+    for r in (int(r) for r in rows):
+        frame = decoded.get(r)
+        try:
+            if frame is None:  # pixels from the decode stage, or a JPEG the device refused
+                if r in decoded:
+                    pixels = decode_pixels(cells[r], max_pixels=1 << 62)  # limit checked
+                    pixels = resize_uint8(pixels, size, interpolation)
+                else:
+                    pixels = np.frombuffer(cells[r], np.uint8).reshape(height, width, 3)
+                frame = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
+        except DecodeError as exc:
+            failed[r] = (one_line(exc), "decode")
+            continue
+        except ValueError as exc:
+            failed[r] = (one_line(exc), "preprocess")
+            continue
+        pieces.append(frame)
+        kept.append(r)
+    if not pieces:
+        return torch.empty((0, 3, height, width), dtype=torch.uint8), np.array(kept, int), failed
+    return torch.stack(pieces), np.array(kept, dtype=rows.dtype), failed
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
