@@ -10,6 +10,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -488,8 +489,31 @@ def stack_group(
     view = host.numpy()
     for slot, row in enumerate(rows):
         view[slot] = np.frombuffer(cells[row], np.uint8).reshape(height, width, 3)
-    images = host.to(device, non_blocking=True) if pinned else host
+    images = to_device(host, device) if pinned else host
     return images.permute(0, 3, 1, 2)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A page-locked CPU tensor -> ``device``, copied on a side stream.
+
+    On the compute stream the copy would run only after the forward queued before it; on its
+    own stream it runs alongside that forward (the previous group's), and only the compute
+    work queued after it waits for it.
+    """
+    compute = torch.cuda.current_stream(device)
+    side = _copy_stream(device)
+    # no wait for compute first: the side stream allocates from its own pool, whose blocks
+    # the caching allocator hands out again only after the streams recorded on them are done
+    with torch.cuda.stream(side):
+        out = host.to(device, non_blocking=True)
+    compute.wait_stream(side)
+    out.record_stream(compute)  # allocated on the side stream, used (and freed) on compute
+    return out
+
+
+@lru_cache(maxsize=8)
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
 
 
 GPU_DECODE_CHUNK = 64
