@@ -128,17 +128,29 @@ def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:
     Raises:
         DecodeError: Empty or unrecognised data, or more than ``max_pixels`` pixels.
     """
+    _, _, _, height, width = _probe(data, max_pixels)
+    return width, height
+
+
+def _probe(data: bytes, max_pixels: int) -> tuple[str | None, str, int, int, int]:
+    """(format, mode, EXIF orientation, displayed height, displayed width) from the header,
+    with the pixel limit; PIL's errors become :class:`DecodeError`."""
     _check_nonempty(data)
     fmt: str | None = None
     try:
         with _open(data) as img:
             fmt = img.format
-            _, height, width = _header(img, max_pixels)
+            orientation, height, width = _header(img, max_pixels)
+            return fmt, img.mode, orientation, height, width
     except DecodeError:
         raise
     except Exception as exc:  # PIL raises many types for malformed headers.
         raise _wrap(exc, fmt) from None
-    return width, height
+
+
+def _has_eoi(data: bytes) -> bool:
+    """Whether JPEG data ends in an EOI marker (trailing zero padding allowed)."""
+    return data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
 
 
 def _header(img: Image.Image, max_pixels: int) -> tuple[int, int, int]:
@@ -302,18 +314,8 @@ def plain_jpeg_size(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
     Raises:
         DecodeError: empty or unrecognised data, or more than ``max_pixels`` pixels.
     """
-    _check_nonempty(data)
-    fmt: str | None = None
-    try:
-        with _open(data) as img:
-            fmt = img.format
-            orientation, height, width = _header(img, max_pixels)
-            plain = fmt == "JPEG" and img.mode == "RGB" and orientation == 1
-    except DecodeError:
-        raise
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError...
-        raise _wrap(exc, fmt) from None
-    if not plain or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
+    fmt, mode, orientation, height, width = _probe(data, max_pixels)
+    if fmt != "JPEG" or mode != "RGB" or orientation != 1 or not _has_eoi(data):
         return None
     return height, width
 
@@ -321,7 +323,7 @@ def plain_jpeg_size(data: bytes, *, max_pixels: int) -> tuple[int, int] | None:
 def _decode_jpeg_fast(data: bytes) -> np.ndarray | None:
     """torchvision's decode of a complete JPEG (EOI marker present; truncated files go to PIL,
     which reports them) when the self-check passed here, else None."""
-    if data.rstrip(b"\x00")[-2:] != b"\xff\xd9" or not _jpeg_fast_path_ok():
+    if not _has_eoi(data) or not _jpeg_fast_path_ok():
         return None
     return _decode_jpeg_torchvision(data)
 
