@@ -187,6 +187,10 @@ def test_decode_group_falls_back_image_by_image(siglip2_checkpoint):
     assert list(kept) == [0, 2] and set(failed) == {1}
     assert failed[1][1] == "decode" and failed[1][0]
     assert images.shape == (2, 3, *size) and torch.equal(images[0], images[1])
+    images, kept, failed = decode_group(
+        cells, np.array([1]), np.ones(3, np.int32), size, torch.device("cpu"), family.interpolation
+    )
+    assert images.shape == (0, 3, *size) and len(kept) == 0 and set(failed) == {1}
 
 
 @CUDA

@@ -578,7 +578,7 @@ def decode_group(
         pieces.append(frame)
         kept.append(r)
     if not pieces:
-        return torch.empty((0, 3, height, width), dtype=torch.uint8), np.array(kept, int), failed
+        return torch.empty((0, 3, height, width), dtype=torch.uint8), rows[:0], failed
     return torch.stack(pieces), np.array(kept, dtype=rows.dtype), failed
 
 
