@@ -48,7 +48,6 @@ from vlray.families.checkpoint import load_model
 from vlray.ops.decode import rgb_pixels
 from vlray.ops.resize import resize_uint8
 from vlray.pipeline.stages import stack_group, to_device
-from vlray.testing.images import sample_photos
 
 ARCH = "siglip2-base-patch16-naflex"
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "siglip2-base-naflex.yaml"
@@ -84,13 +83,10 @@ def timed(fn, repeat: int) -> tuple[float, object]:
 
 
 def photos(n: int) -> list[Image.Image]:
-    """n decoded 640x480 photos (sample_photos resized, JPEG round trip: what a job decodes)."""
-    out = []
-    for _, blob in sample_photos(32, seed=7):
-        buf = io.BytesIO()
-        Image.open(io.BytesIO(blob)).convert("RGB").resize((640, 480)).save(buf, "JPEG", quality=90)
-        out.append(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-    return [out[i % len(out)] for i in range(n)]
+    """n decoded 640x480 photos: the job benchmark's JPEGs, decoded (what a job decodes)."""
+    from job import jpeg_blobs
+
+    return [Image.open(io.BytesIO(blob)).convert("RGB") for blob in jpeg_blobs(n)]
 
 
 def in_process(batch: int, repeat: int, device: torch.device) -> dict:

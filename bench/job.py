@@ -37,14 +37,19 @@ TARGET_LIMIT, TARGET_BASELINES = 0.5, 1.5  # SPEC 9 (2-core machine)
 INCREMENT_ROWS = 256
 
 
-def make_parquet(path: Path, rows: int) -> None:
+def jpeg_blobs(n: int) -> list[bytes]:
+    """n 640x480 JPEGs (q90): 32 sample photos resized, repeated."""
     base = []
     for _, blob in sample_photos(32, seed=7):
         img = Image.open(io.BytesIO(blob)).convert("RGB").resize((640, 480))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=90)
         base.append(buf.getvalue())
-    blobs = [base[i % len(base)] for i in range(rows)]
+    return [base[i % len(base)] for i in range(n)]
+
+
+def make_parquet(path: Path, rows: int) -> None:
+    blobs = jpeg_blobs(rows)
     pq.write_table(
         pa.table(
             {"id": [f"img{i:07d}" for i in range(rows)], "image": pa.array(blobs, pa.binary())}

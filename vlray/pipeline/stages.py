@@ -471,9 +471,10 @@ class MaskStage:
 
 
 def stack_group(
-    cells: np.ndarray, rows: np.ndarray, size: tuple[int, int], device: torch.device
+    cells: np.ndarray | list[Any], rows: np.ndarray, size: tuple[int, int], device: torch.device
 ) -> torch.Tensor:
-    """Rows' packed RGB pixel cells of one target size -> uint8 (B, 3, H, W) on ``device``.
+    """Rows' packed RGB pixel cells (bytes or uint8 arrays) of one target size -> uint8
+    (B, 3, H, W) on ``device``.
 
     A channels-last view of one stacked copy. For a GPU the copy goes to page-locked host
     memory and on to the device without blocking: the GPU gets uint8 (a quarter of the float32
@@ -535,7 +536,7 @@ def decode_group(
     ``device`` (nvJPEG on a GPU) and resized there (antialiased, the family's filter); a
     chunk the decoder refuses is retried image by image, and an image it refuses is decoded
     on the CPU as ``exact`` does (PIL's error for bad data). Rows holding pixels are used as
-    they are.
+    they are; everything from the host goes to the device in one ``stack_group`` copy.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -558,28 +559,31 @@ def decode_group(
             if frame is not None and tuple(frame.shape[1:]) != (height, width):
                 frame = tvF.resize(frame, [height, width], interpolation, antialias=True)
             decoded[r] = frame
-    pieces, kept, failed = [], [], {}
+    # the rest (pixels from the decode stage, JPEGs the device refused) as uint8 arrays on the
+    # host, then stacked and copied in one go (per-image blocking copies would wait for the
+    # device's queue each time)
+    failed: dict[int, tuple[str, str]] = {}
+    host: dict[int, Any] = {}
     for r in (int(r) for r in rows):
-        frame = decoded.get(r)
+        if decoded.get(r) is not None:
+            continue
         try:
-            if frame is None:  # pixels from the decode stage, or a JPEG the device refused
-                if r in decoded:
-                    pixels = decode_pixels(cells[r], max_pixels=1 << 62)  # limit checked
-                    pixels = resize_uint8(pixels, size, interpolation)
-                else:
-                    pixels = np.frombuffer(cells[r], np.uint8).reshape(height, width, 3)
-                frame = torch.from_numpy(pixels).permute(2, 0, 1).to(device)
+            if r not in decoded:  # packed pixels from the decode stage (a view)
+                host[r] = np.frombuffer(cells[r], np.uint8).reshape(height, width, 3)
+            else:
+                pixels = decode_pixels(cells[r], max_pixels=1 << 62)  # limit checked already
+                host[r] = resize_uint8(pixels, size, interpolation)
         except DecodeError as exc:
             failed[r] = (one_line(exc), "decode")
-            continue
         except ValueError as exc:
             failed[r] = (one_line(exc), "preprocess")
-            continue
-        pieces.append(frame)
-        kept.append(r)
-    if not pieces:
-        return torch.empty((0, 3, height, width), dtype=torch.uint8), rows[:0], failed
-    return torch.stack(pieces), np.array(kept, dtype=rows.dtype), failed
+    if host:
+        uploaded = stack_group(list(host.values()), np.arange(len(host)), size, device)
+        decoded.update(zip(host, uploaded, strict=True))
+    kept = np.array([r for r in rows if decoded.get(int(r)) is not None], dtype=rows.dtype)
+    if not len(kept):
+        return torch.empty((0, 3, height, width), dtype=torch.uint8), kept, failed
+    return torch.stack([decoded[int(r)] for r in kept]), kept, failed
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
