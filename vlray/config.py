@@ -42,6 +42,10 @@ class S3Config:
     request_timeout_s: float = 60.0
     check_timeout_s: float = 5.0
     """Deadline of the start-of-job reachability check of ``s3://`` input and output."""
+    transient_retry_s: float = 60.0
+    """How long a decode actor keeps retrying the rows of a batch that failed transiently (a
+    network outage), waiting 2, 4, 8, ... s between rounds; rows still failing after that are
+    left undone (not error rows) for the next run, which exits 1."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,10 @@ class OutputConfig:
     thumbnails: int = 0
     """Longest side of a JPEG preview per image in ``thumbnails/<sha1(id)>.jpg`` (0: none; the
     query service shows them); images already smaller keep their size."""
+    max_error_fraction: float = 0.5
+    """Error budget: the run stops with exit 1 once more than this fraction of the rows seen
+    are error rows (checked from ``error_budget_min_rows`` rows on). 1.0: never."""
+    error_budget_min_rows: int = 100
 
 
 @dataclass(frozen=True)
@@ -274,11 +282,45 @@ def parse_assignments(assignments: Iterable[str]) -> dict[str, Any]:
     return tree
 
 
+def configs_dir() -> Path:
+    """The folder of the presets (``*.yaml``) and architecture configs (``arch/<name>/``).
+
+    The repo's top-level ``configs/`` installs as the package ``vlray.configs`` (pyproject.toml),
+    found here for a wheel and an editable install alike; a source tree that is not installed
+    (``python jobs/embed.py`` from a checkout) has no such package and uses its ``configs/``.
+    """
+    from importlib.resources import files
+
+    try:
+        return Path(str(files("vlray.configs")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "configs"
+
+
+def _preset_path(path: Path) -> Path:
+    """``path`` itself when it is a file; else, for ``NAME[.yaml]`` or ``configs/NAME[.yaml]``,
+    the preset shipped with vlray (so an installed vlray runs its presets from any folder)."""
+    if path.is_file() or path.is_absolute() or len(path.parts) > 2:
+        return path
+    if len(path.parts) == 2 and path.parts[0] != "configs":
+        return path
+    name = path.name if path.suffix in (".yaml", ".yml") else path.name + ".yaml"
+    bundled = configs_dir() / name
+    return bundled if bundled.is_file() else path
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Reads a YAML preset into a mapping; a missing or malformed file raises ConfigError."""
-    path = Path(path)
+    """Reads a YAML preset into a mapping; a missing or malformed file raises ConfigError.
+
+    ``path`` is a file, or the name of a preset shipped with vlray (``siglip2-base-naflex``,
+    ``configs/siglip2-base-naflex.yaml``) when no such file is in the current folder.
+    """
+    path = _preset_path(Path(path))
     if not path.is_file():
-        raise ConfigError([f"--config {path}: no such file (presets live in configs/)"])
+        presets = ", ".join(sorted(p.stem for p in configs_dir().glob("*.yaml")))
+        raise ConfigError(
+            [f"--config {path}: no such file (presets shipped with vlray: {presets})"]
+        )
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -309,6 +351,10 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"compute.fuse: {config.compute.fuse!r} is not auto/on/off")
     if config.output.dtype not in ("float32", "float16"):
         problems.append(f"output.dtype: {config.output.dtype!r} is not float32 or float16")
+    if not 0 < config.output.max_error_fraction <= 1:
+        problems.append(
+            f"output.max_error_fraction: {config.output.max_error_fraction} is not in (0, 1]"
+        )
     if not 0 <= config.output.thumbnails <= 4096:
         problems.append(f"output.thumbnails: {config.output.thumbnails} is not 0 (off) to 4096")
     for section, name in (

@@ -18,6 +18,13 @@ logger = logging.getLogger(__name__)
 DEMO_IMAGES = 96
 
 
+def demo_config() -> Path:
+    """The demo's YAML preset, ``demo.yaml`` of the presets shipped with vlray."""
+    from vlray.config import configs_dir
+
+    return configs_dir() / "demo.yaml"
+
+
 def demo_home() -> Path:
     """``$VLRAY_HOME`` or ``~/.cache/vlray``."""
     return Path(os.environ.get("VLRAY_HOME", Path.home() / ".cache" / "vlray"))

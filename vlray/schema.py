@@ -8,6 +8,14 @@ import pyarrow as pa
 
 STAGES = ("read", "decode", "preprocess", "encode", "write")
 
+TRANSIENT = "transient"
+"""``stage`` of a row that failed for a reason that may pass (a network outage outlasting the
+retries): never committed to ``errors/``; the row stays undone and a later run retries it."""
+SYSTEMIC = "systemic"
+"""``stage`` of a row lost to a failure of the job itself (a whole group failing with one error, a
+programming or environment error): never committed; the run stops with exit 1."""
+UNCOMMITTED_STAGES = (TRANSIENT, SYSTEMIC)
+
 ROW_SCHEMA = pa.schema(
     [
         ("id", pa.string()),

@@ -218,6 +218,11 @@ def is_denied(exc: BaseException) -> bool:
     return isinstance(exc, PermissionError) or bool(_DENIED.search(str(exc)))
 
 
+class TransientError(OSError):
+    """A network or service failure that outlasted the retries (timeouts, dropped connections,
+    5xx, throttling): the row is not done, and a later run tries it again."""
+
+
 def fetch_bytes(
     uri: str, s3: S3Config | None = None, attempts: int = 3, backoff_s: float = 0.5
 ) -> bytes:
@@ -226,7 +231,8 @@ def fetch_bytes(
     Raises:
         FileNotFoundError: no such file or object.
         PermissionError: access denied (message scrubbed of credentials).
-        OSError: anything else, after the retries (message scrubbed).
+        TransientError: a transient failure that outlasted the retries (message scrubbed).
+        OSError: anything else (message scrubbed).
     """
     for attempt in range(attempts):
         try:
@@ -236,8 +242,11 @@ def fetch_bytes(
         except OSError as exc:
             if is_denied(exc):
                 raise PermissionError(f"access denied: {uri}") from None
-            if attempt + 1 >= attempts or not is_transient(exc):
-                raise OSError(scrub(" ".join(str(exc).split()), s3)) from None
+            message = scrub(" ".join(str(exc).split()), s3)
+            if not is_transient(exc):
+                raise OSError(message) from None
+            if attempt + 1 >= attempts:
+                raise TransientError(message) from None
             time.sleep(backoff_s * (2**attempt))
     raise AssertionError("unreachable")
 

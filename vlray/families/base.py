@@ -15,13 +15,16 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 
-from vlray.families.checkpoint import Checkpoint
+from vlray.families.checkpoint import Checkpoint, meta_module_bytes
 from vlray.ops.memory import empty_huge
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 # PIL resample codes used in preprocessor_config.json -> torchvision interpolation.
 _RESAMPLE = {
@@ -236,6 +239,29 @@ class Family(ABC):
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self.processor = checkpoint.processor
+
+    @property
+    def config(self) -> PreTrainedConfig:
+        """The checkpoint's transformers config, defaults applied (cached, read-only)."""
+        return self.checkpoint.config_object()
+
+    @property
+    @abstractmethod
+    def embedding_dim(self) -> int:
+        """Width of the embeddings ``load_encoder`` produces, from the config object (defaults
+        applied, as the hub's config.json leaves them out); 0 for families without embeddings."""
+
+    @property
+    def model_bytes(self) -> int:
+        """float32 bytes of the weights this family's encoder keeps resident (for memory
+        planning), counted on the meta device from the config object."""
+        module_cls, config = self.resident_module()
+        return meta_module_bytes(module_cls, config)
+
+    @abstractmethod
+    def resident_module(self) -> tuple[Any, PreTrainedConfig]:
+        """(transformers module class, its config): what ``load_encoder`` (or SAM's mask
+        generator) keeps in memory, built as ``module_cls._from_config(config)``."""
 
     @property
     @abstractmethod

@@ -8,18 +8,26 @@ weights, identically in every process, so every actor and the query tool agree.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vlray.config import configs_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
+
 logger = logging.getLogger(__name__)
 
-ARCH_DIR = Path(__file__).resolve().parents[2] / "configs" / "arch"
+ARCH_DIR = configs_dir() / "arch"
+"""The full-size architecture presets (the repo's configs/arch/, installed as vlray.configs)."""
 RANDOM_MARKER = "vlray_random_weights.json"
 """A file in a checkpoint folder saying its weights are random (the offline demo writes it)."""
 
@@ -30,7 +38,12 @@ class CheckpointError(RuntimeError):
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A resolved model: local folder, parsed configs, and how weights are obtained."""
+    """A resolved model: local folder, parsed configs, and how weights are obtained.
+
+    ``config`` is config.json as written, which on the hub leaves out every key equal to its
+    transformers default: read dimensions, sizes and capabilities from ``config_object()``
+    (defaults applied) instead, never from ``config``.
+    """
 
     name: str
     path: str
@@ -40,18 +53,84 @@ class Checkpoint:
     weights: str = "pretrained"
     seed: int = 0
 
+    def config_object(self) -> PreTrainedConfig:
+        """The transformers config of this checkpoint (``AutoConfig``, defaults applied).
+
+        Loaded once per process and folder (cached, never pickled with the checkpoint); shared
+        between callers, so treat it as read-only.
+        """
+        return load_config(self.path)
+
     def vision_bytes(self) -> int:
-        """Rough float32 size of the vision tower (12 * layers * width^2 parameters, the
-        attention and MLP weights of a transformer), for memory planning; 0 when unknown."""
-        vision = self.config.get("vision_config", self.config)
-        layers = vision.get("num_hidden_layers", vision.get("depth", 0)) or 0
-        width = vision.get("hidden_size", vision.get("embed_dim", 0)) or 0
-        return int(12 * layers * width * width * 4)
+        """float32 bytes of the weights the family's encoder keeps resident (the vision tower;
+        SAM's whole model), counted from the config object on the meta device, for memory
+        planning. Exact for any checkpoint, whichever keys its config.json leaves out."""
+        from vlray.families import family_for  # the families import this module
+
+        return family_for(self).model_bytes
 
     @property
     def random_weights(self) -> bool:
         """True when outputs come from random weights (and must say so)."""
         return self.weights == "random" or (Path(self.path) / RANDOM_MARKER).exists()
+
+
+def load_config(folder: str | Path) -> PreTrainedConfig:
+    """``AutoConfig.from_pretrained(folder)`` (never remote code), cached per folder and
+    config.json version (modification time and size); the result is shared: read-only.
+
+    Raises:
+        CheckpointError: config.json missing or not a config transformers can read.
+    """
+    path = Path(folder) / "config.json"
+    try:
+        stat = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    return _load_config(str(Path(folder)), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=64)
+def _load_config(folder: str, mtime_ns: int, size: int) -> PreTrainedConfig:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
+    except Exception as exc:  # unreadable JSON, unknown model_type, strict validation
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{folder}/config.json: transformers cannot read it ({first})"
+        ) from None
+
+
+def vision_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The vision tower's config: ``vision_config`` of a full model, else the config itself
+    (a vision-only checkpoint)."""
+    sub = getattr(config, "vision_config", None)
+    return sub if sub is not None else config
+
+
+def meta_module_bytes(module_cls: Any, config: PreTrainedConfig, bytes_per_value: int = 4) -> int:
+    """Bytes of ``module_cls._from_config(config)``'s parameters and buffers at
+    ``bytes_per_value`` each, built on the meta device (no memory, no initialization:
+    milliseconds even for a 7B model's tower); cached per class and config."""
+    key = (module_cls, config.to_json_string(use_diff=False))
+    values = _MODULE_VALUES.get(key)
+    if values is None:
+        from transformers.initialization import no_init_weights
+
+        with torch.device("meta"), no_init_weights():  # a copy: _from_config writes to it
+            module = module_cls._from_config(copy.deepcopy(config), dtype=torch.float32)
+            module.tie_weights()  # shared tensors counted once, as after from_pretrained
+        values = sum(t.numel() for t in module.parameters())
+        values += sum(t.numel() for t in module.buffers())
+        if len(_MODULE_VALUES) >= 64:
+            _MODULE_VALUES.clear()
+        _MODULE_VALUES[key] = values
+    return values * bytes_per_value
+
+
+_MODULE_VALUES: dict[tuple[Any, str], int] = {}
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import json
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,9 @@ from vlray.families.base import (
 )
 from vlray.families.checkpoint import Checkpoint, CheckpointError
 from vlray.ops.memory import empty_huge
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -275,13 +278,12 @@ class Qwen2VLFamily(Family):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        vision = checkpoint.config.get("vision_config", {})
+        # the processor config rules; without a key, the tower's own value (defaults applied)
+        vision = self.config.vision_config
         proc = self.processor
-        self.patch_size = int(proc.get("patch_size", vision.get("patch_size", 14)))
-        self.temporal_patch_size = int(
-            proc.get("temporal_patch_size", vision.get("temporal_patch_size", 2))
-        )
-        self.merge_size = int(proc.get("merge_size", vision.get("spatial_merge_size", 2)))
+        self.patch_size = int(proc.get("patch_size", vision.patch_size))
+        self.temporal_patch_size = int(proc.get("temporal_patch_size", vision.temporal_patch_size))
+        self.merge_size = int(proc.get("merge_size", vision.spatial_merge_size))
         # As the reference's __init__: min_pixels / max_pixels override the size dict.
         size: dict[str, Any] = dict(proc.get("size") or {})
         min_pixels = proc.get("min_pixels")
@@ -304,6 +306,20 @@ class Qwen2VLFamily(Family):
     def interpolation(self) -> InterpolationMode:
         """Bicubic unless the processor config says otherwise."""
         return self._interpolation
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the merged tokens (``PatchMerger``'s output, the language model's width):
+        ``vision_config.hidden_size``, not the blocks' ``embed_dim``."""
+        return int(self.config.vision_config.hidden_size)
+
+    def resident_module(self) -> tuple[Any, PreTrainedConfig]:
+        """The vision tower alone (the language model is never built)."""
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
+            Qwen2VisionTransformerPretrainedModel,
+        )
+
+        return Qwen2VisionTransformerPretrainedModel, self.config.vision_config
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """The reference's ``smart_resize`` for this checkpoint's min/max pixels.

@@ -15,7 +15,7 @@ that survive NMS are upsampled again and run-length encoded, in one batched call
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from vlray.families.base import (
 from vlray.families.checkpoint import Checkpoint, load_model
 from vlray.ops.memory import empty_huge
 from vlray.ops.rle import mask_area, mask_to_bbox_xywh, masks_to_rle
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
@@ -417,11 +420,13 @@ class SamFamily(Family):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        size = self.processor.get("size") or {"longest_edge": 1024}
+        # the processor config rules; without a key, the model's frame (defaults applied)
+        frame = int(self.config.vision_config.image_size)
+        size = self.processor.get("size") or {"longest_edge": frame}
         if isinstance(size, int):
             size = {"longest_edge": size}
-        self.longest_edge = int(size.get("longest_edge", size.get("height", 1024)))
-        pad = self.processor.get("pad_size") or {"height": 1024, "width": 1024}
+        self.longest_edge = int(size.get("longest_edge", size.get("height", frame)))
+        pad = self.processor.get("pad_size") or {"height": frame, "width": frame}
         if isinstance(pad, int):
             pad = {"height": pad, "width": pad}
         self.pad_size = (int(pad["height"]), int(pad["width"]))
@@ -436,6 +441,17 @@ class SamFamily(Family):
     def interpolation(self) -> InterpolationMode:
         """Bilinear unless the processor config says otherwise."""
         return self._interpolation
+
+    @property
+    def embedding_dim(self) -> int:
+        """0: SAM produces masks, no embedding (``produces_embeddings`` is False)."""
+        return 0
+
+    def resident_module(self) -> tuple[Any, PreTrainedConfig]:
+        """The whole ``SamModel``: the mask generator keeps every part."""
+        from transformers import SamModel
+
+        return SamModel, self.config
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Longest side -> ``longest_edge``, aspect kept, rounded as the reference.

@@ -6,7 +6,7 @@ uint8, fused rescale + normalize) and ``SiglipModel.get_image_features`` (pooled
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,16 @@ from vlray.families.base import (
     TextEncoder,
     interpolation_from_resample,
 )
-from vlray.families.checkpoint import Checkpoint, is_vision_only, load_model, load_vision_tower
+from vlray.families.checkpoint import (
+    Checkpoint,
+    is_vision_only,
+    load_model,
+    load_vision_tower,
+    vision_config,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 TEXT_MAX_LENGTH = 64
 """SigLIP text towers were trained on text padded to 64 tokens."""
@@ -87,7 +96,9 @@ class SiglipFamily(Family):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        size = self.processor.get("size") or {"height": 224, "width": 224}
+        # the processor config rules; without a size, the model's own (defaults applied)
+        side = int(vision_config(self.config).image_size)
+        size = self.processor.get("size") or {"height": side, "width": side}
         if "height" not in size or "width" not in size:
             raise ValueError(f"siglip: size must have height and width, got {size}")
         self.size = (int(size["height"]), int(size["width"]))
@@ -101,6 +112,18 @@ class SiglipFamily(Family):
     def interpolation(self) -> InterpolationMode:
         """Bicubic unless the processor config says otherwise."""
         return self._interpolation
+
+    @property
+    def embedding_dim(self) -> int:
+        """``get_image_features``' pooled output: the vision tower's ``hidden_size`` (SigLIP has
+        no projection; the attention-pooling head keeps the width)."""
+        return int(vision_config(self.config).hidden_size)
+
+    def resident_module(self) -> tuple[Any, PreTrainedConfig]:
+        """The vision tower (the encoder drops the text tower after loading)."""
+        from transformers import SiglipVisionModel
+
+        return SiglipVisionModel, vision_config(self.config)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """Every image goes to the processor's fixed ``size``."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +25,16 @@ from vlray.families.base import (
     TextEncoder,
     interpolation_from_resample,
 )
-from vlray.families.checkpoint import Checkpoint, is_vision_only, load_vision_tower
+from vlray.families.checkpoint import (
+    Checkpoint,
+    is_vision_only,
+    load_vision_tower,
+    vision_config,
+)
 from vlray.families.siglip import IMAGENET_STANDARD, SiglipTextEncoder
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedConfig
 
 
 @lru_cache(maxsize=65536)
@@ -103,11 +112,10 @@ class Siglip2Family(Family):
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
-        vision = checkpoint.config.get("vision_config", checkpoint.config)
-        self.patch_size = int(self.processor.get("patch_size", vision.get("patch_size", 16)))
-        self.max_num_patches = int(
-            self.processor.get("max_num_patches", vision.get("num_patches", 256))
-        )
+        # the processor config rules; without a key, the model's own value (defaults applied)
+        vision = vision_config(self.config)
+        self.patch_size = int(self.processor.get("patch_size", vision.patch_size))
+        self.max_num_patches = int(self.processor.get("max_num_patches", vision.num_patches))
         self.do_resize = bool(self.processor.get("do_resize", True))
         self._interpolation = interpolation_from_resample(self.processor.get("resample"), 2)
         self.normalization = Normalization.from_processor(
@@ -118,6 +126,18 @@ class Siglip2Family(Family):
     def interpolation(self) -> InterpolationMode:
         """Bilinear unless the processor config says otherwise."""
         return self._interpolation
+
+    @property
+    def embedding_dim(self) -> int:
+        """``get_image_features``' pooled output (the attention-pooling head): the vision
+        tower's ``hidden_size``."""
+        return int(vision_config(self.config).hidden_size)
+
+    def resident_module(self) -> tuple[Any, PreTrainedConfig]:
+        """The vision tower (the encoder drops the text tower after loading)."""
+        from transformers import Siglip2VisionModel
+
+        return Siglip2VisionModel, vision_config(self.config)
 
     def target_size(self, height: int, width: int) -> tuple[int, int]:
         """The reference's NaFlex size for ``max_num_patches`` patches of ``patch_size``."""

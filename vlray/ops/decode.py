@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 from collections.abc import Callable
 
 import numpy as np
 import pyarrow as pa
 from PIL import ExifTags, Image, UnidentifiedImageError
-
-# We run our own decompression-bomb check (``width * height > max_pixels``) on the
-# header before any pixel is decoded, so PIL's global check would only get in the way
-# (it raises for > 2 * 89M pixels regardless of the caller's limit).
-Image.MAX_IMAGE_PIXELS = None
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -111,7 +107,30 @@ def _orientation(img: Image.Image) -> int:
 
 
 def _open(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data), formats=_FORMATS)
+    """Opens ``data`` (header only) with the allowed plugins, as ``Image.open`` does but
+    without its decompression-bomb check.
+
+    Every caller checks ``width * height`` against its own ``max_pixels`` from this header
+    before any pixel is decoded. Pillow's check reads the process-wide ``MAX_IMAGE_PIXELS``
+    (warning above 89 MP, refusing above 179 MP whatever the caller's limit); setting that
+    global would switch the check off for every library in the process, so it stays untouched
+    and is skipped for vlray's calls only.
+    """
+    Image.preinit()
+    fp = io.BytesIO(data)
+    prefix = fp.read(16)
+    for fmt in _FORMATS:
+        if fmt not in Image.OPEN:
+            Image.init()
+        factory, accept = Image.OPEN[fmt]
+        if accept and accept(prefix) is not True:
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
 
 
 def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:
@@ -335,20 +354,16 @@ def _decode_jpeg_torchvision(data: bytes) -> np.ndarray | None:
 
     try:
         encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+        with warnings.catch_warnings():
+            # torchvision 0.29 deprecates its decoders for TorchCodec and warns on every call;
+            # when they are removed, _jpeg_fast_path_ok() turns False and PIL decodes everything
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(encoded, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
     except (RuntimeError, ValueError):
         return None
 
 
 _JPEG_FAST_PATH: list[bool] = []
-
-# torchvision 0.29 deprecates its image decoders in favour of TorchCodec and warns on every
-# call; when they are removed, _jpeg_fast_path_ok() turns False and PIL decodes everything.
-warnings.filterwarnings(
-    "ignore",
-    message="The image decoding and encoding capabilities of TorchVision are deprecated",
-    category=DeprecationWarning,
-)
 
 
 def _jpeg_fast_path_ok() -> bool:

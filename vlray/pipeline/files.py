@@ -20,7 +20,11 @@ from vlray.pipeline.sources import ReadTask, read_task_rows
 from vlray.schema import (
     ERRORS_SCHEMA,
     MASKS_SCHEMA,
+    STAGES,
+    SYSTEMIC,
     TOKENS_SCHEMA,
+    TRANSIENT,
+    UNCOMMITTED_STAGES,
     embeddings_schema,
     thumbnail_name,
 )
@@ -48,6 +52,18 @@ class ReadStage:
         for task in batch["task"]:
             task = task if isinstance(task, ReadTask) else ReadTask(**task)
             yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
+
+
+def part_name(ids: list[str]) -> str:
+    """``part-<digest>.parquet`` named by the batch's ids, each length-prefixed (UTF-8 bytes with
+    surrogates escaped), so two different id lists never share a name: a write task that Ray
+    retries rewrites the same file, never a twin, and no batch overwrites another's."""
+    digest = hashlib.blake2b(digest_size=16)
+    for row_id in ids:
+        data = row_id.encode("utf-8", "surrogatepass")
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return f"part-{digest.hexdigest()}.parquet"
 
 
 def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
@@ -111,12 +127,13 @@ class WriteStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         errors = batch["error"].astype(str)
+        stage = batch["stage"].astype(str)
         ok = errors == ""
-        # Named by content: a write task that Ray retries rewrites the same file, never a twin.
-        digest = hashlib.blake2b("\n".join(batch["id"].astype(str)).encode(), digest_size=12)
-        name = f"part-{digest.hexdigest()}.parquet"
+        held = np.isin(stage, UNCOMMITTED_STAGES) & ~ok  # left undone: not error rows
+        failed = ~ok & ~held
+        name = part_name([str(i) for i in batch["id"]])
         n_ok = int(ok.sum())
-        n_err = len(errors) - n_ok
+        n_err = int(failed.sum())
         n_masks = 0
         # thumbnails and masks before embeddings/: a row counts as done once it is there
         n_thumbs = (
@@ -157,18 +174,16 @@ class WriteStage:
         if n_err:
             table = pa.table(
                 {
-                    "id": pa.array(batch["id"][~ok].astype(str)),
-                    "stage": pa.array(batch["stage"][~ok].astype(str)),
-                    "error": pa.array(errors[~ok]),
-                    "source": pa.array(batch["source"][~ok].astype(str)),
+                    "id": pa.array(batch["id"][failed].astype(str)),
+                    "stage": pa.array(stage[failed]),
+                    "error": pa.array(errors[failed]),
+                    "source": pa.array(batch["source"][failed].astype(str)),
                 },
                 schema=ERRORS_SCHEMA,
             )
             write_parquet_atomic(self.output.join("errors", name), table)
-        stage_counts = {
-            s: int((batch["stage"][~ok].astype(str) == s).sum())
-            for s in ("read", "decode", "preprocess", "encode")
-        }
+        systemic = np.flatnonzero(stage == SYSTEMIC)
+        first = int(systemic[0]) if len(systemic) else -1
         groups = batches = 0.0
         if "group_size" in batch:
             gs = batch["group_size"][ok].astype(np.float64)
@@ -187,6 +202,11 @@ class WriteStage:
             "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
             "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
             "write_s": np.array([time.perf_counter() - start]),
-            "stage_counts": np.array([repr(stage_counts)]),
-            "file": np.array([name]),
+            **{f"errors_{s}": np.array([int((stage[failed] == s).sum())]) for s in STAGES},
+            "undone": np.array([int((stage == TRANSIENT).sum())]),
+            "systemic": np.array([len(systemic)]),
+            "systemic_error": np.array(
+                [f"{errors[first]} (example id {batch['id'][first]!r})" if first >= 0 else ""]
+            ),
+            "file": np.array([name if n_ok or n_err else ""]),
         }

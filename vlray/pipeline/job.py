@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
@@ -14,12 +13,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlray.config import ConfigError, JobConfig, ModelConfig, SamConfig, to_dict
+from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
+from vlray.pipeline.state import RunFailed
+from vlray.schema import STAGES
 from vlray.storage import (
     Location,
     list_files,
@@ -45,11 +46,6 @@ def ensure_ray(config: JobConfig) -> None:
     if config.compute.num_cpus:
         kwargs["num_cpus"] = config.compute.num_cpus
     ray.init(**kwargs)
-
-
-def _embedding_dim(checkpoint: Checkpoint) -> int:
-    vision = checkpoint.config.get("vision_config", {})
-    return int(vision.get("hidden_size", checkpoint.config.get("hidden_size", 0)))
 
 
 def build_dataset(
@@ -341,42 +337,81 @@ STAT_KEYS = (
     "masks",
     "thumbnails",
     "errors",
+    "undone",
+    "systemic",
     "groups",
     "batches",
     "decode_s",
     "encode_s",
     "mask_s",
     "write_s",
+    *(f"errors_{stage}" for stage in STAGES),
 )
 
 
+def _budget_failure(totals: dict[str, float], output: OutputConfig) -> str:
+    """Why the run must stop now (empty: go on): a systemic failure, or the error budget spent."""
+    rows, errors = totals.get("rows", 0.0), totals.get("errors", 0.0)
+    if rows >= output.error_budget_min_rows and errors > output.max_error_fraction * rows:
+        return (
+            f"error budget exceeded: {int(errors)} of the first {int(rows)} rows failed "
+            f"(output.max_error_fraction {output.max_error_fraction})"
+        )
+    return ""
+
+
+def drive(ds: Any, output: OutputConfig) -> tuple[dict[str, float], list[str], str]:
+    """Consumes the write stage's per-file counts; stops at the first systemic failure or once
+    the error budget is spent. Returns (totals, committed file names, failure reason or "")."""
+    totals: dict[str, float] = {}
+    new_files: list[str] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        for key in STAT_KEYS:
+            totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
+        new_files += [str(name) for name in batch["file"] if name]
+        systemic = [str(t) for t in batch["systemic_error"] if t]
+        if systemic:
+            return totals, new_files, f"systemic failure: {systemic[0]}"
+        reason = _budget_failure(totals, output)
+        if reason:
+            return totals, new_files, reason
+    return totals, new_files, ""
+
+
+def _read_ids(location: Location) -> list[str] | None:
+    try:
+        with location.fs.open_input_file(location.path) as f:
+            return pq.read_table(f, columns=["id"]).column("id").to_pylist()
+    except (FileNotFoundError, OSError):
+        return None
+
+
 def _drop_retried_errors(output: Location, old_error_files: list[str], new_files: list[str]) -> int:
-    """Removes from earlier errors/ files the ids this run processed again (``--retry-errors``)."""
+    """Removes from earlier errors/ files the ids this run processed again (``--retry-errors``).
+
+    Decided by content, not by name: an id done this run leaves every earlier errors file; an id
+    that failed again leaves every errors file but the one this run wrote (which may share its
+    name with an earlier one, when the batch holds the same ids).
+    """
     from vlray.pipeline.state import hash_ids, is_done
 
     if not old_error_files or not new_files:
         return 0
-    fresh = []
-    for folder in ("embeddings", "segmented", "errors"):
-        for name in new_files:
-            location = output.join(folder, name)
-            try:
-                with location.fs.open_input_file(location.path) as f:
-                    fresh.append(
-                        hash_ids(pq.read_table(f, columns=["id"]).column("id").to_pylist())
-                    )
-            except (FileNotFoundError, OSError):
-                continue
-    if not fresh:
-        return 0
-    retried = np.unique(np.concatenate(fresh))
+    done: list[np.ndarray] = []
+    failed: list[np.ndarray] = []
+    for name in set(new_files):
+        for folder, into in (("embeddings", done), ("segmented", done), ("errors", failed)):
+            ids = _read_ids(output.join(folder, name))
+            if ids:
+                into.append(hash_ids(ids))
+    done_hashes = np.unique(np.concatenate(done)) if done else np.empty(0, dtype="S16")
+    failed_hashes = np.unique(np.concatenate(failed + done)) if failed or done else done_hashes
     removed = 0
     for path in old_error_files:
-        if os.path.basename(path) in new_files:
-            continue
         with output.fs.open_input_file(path) as f:
             table = pq.read_table(f)
-        keep = ~is_done(hash_ids(table.column("id").to_pylist()), retried)
+        drop = failed_hashes if os.path.basename(path) not in new_files else done_hashes
+        keep = ~is_done(hash_ids(table.column("id").to_pylist()), drop)
         if keep.all():
             continue
         removed += int((~keep).sum())
@@ -385,6 +420,19 @@ def _drop_retried_errors(output: Location, old_error_files: list[str], new_files
         else:
             output.fs.delete_file(path)
     return removed
+
+
+def committed_rows(output: Location, folder: str, names: list[str]) -> int:
+    """Rows in ``output/folder/NAME`` over the distinct ``names`` (missing files count 0)."""
+    total = 0
+    for name in set(names):
+        location = output.join(folder, name)
+        try:
+            with location.fs.open_input_file(location.path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        except (FileNotFoundError, OSError):
+            continue
+    return total
 
 
 def _check_storage(config: JobConfig) -> None:
@@ -426,7 +474,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             raise CheckpointError(f"sam.name {config.sam.name!r} is not a SAM checkpoint")
     if config.model.store_tokens and (checkpoint is None or family.name != "qwen2_vl"):
         raise CheckpointError(f"model.store_tokens: {family.name} models have no token matrix")
-    dim = _embedding_dim(checkpoint) if checkpoint else 0
+    dim = family.embedding_dim if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)
     with RunLock(output):
@@ -445,8 +493,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             len(plan.tasks),
         )
         totals: dict[str, float] = {}
-        stage_counts: dict[str, int] = {}
         new_files: list[str] = []
+        failure = ""
         stages = None
         if plan.tasks:
             ensure_ray(config)
@@ -473,21 +521,32 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                     ]
                 )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                for key in STAT_KEYS:
-                    totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
-                for text in batch["stage_counts"]:
-                    for stage, n in ast.literal_eval(str(text)).items():
-                        stage_counts[stage] = stage_counts.get(stage, 0) + n
-                new_files += [str(name) for name in batch["file"]]
+            totals, new_files, failure = drive(ds, config.output)
         job_seconds = time.time() - started
         retried = (
             _drop_retried_errors(output, old_error_files, new_files) if config.retry_errors else 0
         )
         embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
         segmented = int(totals.get("segmented", 0))
+        undone = int(totals.get("undone", 0))
+        done_rows = embedded if checkpoint else segmented
+        committed = committed_rows(output, done_folder, new_files)
+        committed_errors = committed_rows(output, "errors", new_files)
+        if not failure and (committed, committed_errors) != (done_rows, errors):
+            failure = (
+                f"accounting mismatch: the writers reported {done_rows} done + {errors} errors, "
+                f"the committed files hold {committed} + {committed_errors}"
+            )
+        index_ok = not failure  # rows left undone still leave a useful index of the rest
+        if not failure and undone:
+            failure = (
+                f"{undone} rows left undone by transient failures (network or service errors "
+                "that outlasted the retries); the next run retries them"
+            )
+        if not failure and plan.rows != done_rows + errors:
+            failure = f"accounting mismatch: {plan.rows} rows in, {done_rows + errors} out"
         index_manifest: dict[str, Any] | None = None
-        if config.index.enabled and checkpoint is not None:
+        if config.index.enabled and checkpoint is not None and index_ok:
             index_manifest = build_output_index(
                 config, checkpoint, family.name, output, dim, embedded
             )
@@ -502,8 +561,15 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             "errors": errors,
             "skipped_done": plan.skipped,
             "errors_retried_and_removed": retried,
-            "errors_by_stage": stage_counts,
-            "accounted": plan.rows == (embedded if checkpoint else segmented) + errors,
+            "errors_by_stage": {
+                stage: int(totals[f"errors_{stage}"])
+                for stage in STAGES
+                if totals.get(f"errors_{stage}")
+            },
+            "undone": undone,
+            "failed": failure or None,
+            "accounted": plan.rows == done_rows + errors + undone
+            and (committed, committed_errors) == (done_rows, errors),
             "wall_seconds": round(wall, 3),
             "job_seconds": round(job_seconds, 3),
             "images_per_second": round(plan.rows / job_seconds, 2) if job_seconds else 0.0,
@@ -536,8 +602,6 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         write_bytes_atomic(
             output.join("_summary.json"), json.dumps(summary, indent=2, default=str).encode()
         )
-    if not summary["accounted"]:
-        logger.error(
-            "row accounting failed: %d in, %d embedded, %d errors", plan.rows, embedded, errors
-        )
+    if failure:
+        raise RunFailed(failure, summary)
     return summary

@@ -31,13 +31,36 @@ from vlray.ops.decode import (
 from vlray.ops.resize import resize_uint8
 from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
-from vlray.storage import fetch_bytes, scrub
+from vlray.schema import SYSTEMIC, TRANSIENT
+from vlray.storage import TransientError, fetch_bytes, scrub
 
 logger = logging.getLogger(__name__)
 
 
 HEADS = ("", "sam_")
 """Column prefixes of the resized images: the embedding model's, and SAM's (one pass, two models)."""
+
+
+INPUT_ERRORS = (UnsupportedImage, ValueError, RuntimeError)
+"""Exceptions that one image can cause (torch reports bad shapes as RuntimeError); any other
+exception is a failure of the code or its environment."""
+
+
+def group_failure(
+    exc: BaseException, group: np.ndarray, stage: str, systemic: bool = False
+) -> tuple[str, str]:
+    """(error, stage) for the rows of a same-shape group whose preprocessing or forward raised.
+
+    One image can only be to blame when it is alone in its group and the exception is one an
+    image can cause: then it is an error row of ``stage``. Otherwise (a whole group failing with
+    one error, or a programming or environment error) the rows get stage ``systemic``: they are
+    not committed and the run stops (exit 1), so the rerun does them once the cause is fixed.
+    """
+    if systemic or len(group) > 1 or not isinstance(exc, INPUT_ERRORS):
+        example = f"{stage}: {type(exc).__name__}: {one_line(exc)}"
+        logger.error("%s failed for a group of %d rows: %s", stage, len(group), example)
+        return example, SYSTEMIC
+    return one_line(exc), stage
 
 
 class DecodeStage:
@@ -81,19 +104,38 @@ class DecodeStage:
             sizes.append(thumbnail_size(height, width, self.thumbnails))
         return max(h for h, _ in sizes), max(w for _, w in sizes)
 
-    def _fetch(self, uri: str) -> bytes | str:
-        """The bytes at ``uri`` (transient errors retried), or a one-line reason (no secrets)."""
+    def _fetch(self, uri: str) -> bytes | tuple[str, str]:
+        """The bytes at ``uri`` (transient errors retried), or (one-line reason, stage): stage
+        ``read`` for a permanent problem, ``transient`` for an outage that outlasted the retries."""
         try:
             return fetch_bytes(uri, self.s3)
         except FileNotFoundError:
-            return f"missing file or object: {scrub(uri, self.s3)}"
+            return f"missing file or object: {scrub(uri, self.s3)}", "read"
         except PermissionError:
-            return f"access denied: {scrub(uri, self.s3)}"
+            return f"access denied: {scrub(uri, self.s3)}", "read"
+        except TransientError as exc:
+            return f"unreachable for now: {scrub(one_line(exc), self.s3)}", TRANSIENT
         except OSError as exc:
-            return f"cannot read: {scrub(one_line(exc), self.s3)}"
+            return f"cannot read: {scrub(one_line(exc), self.s3)}", "read"
 
-    def _fetch_all(self, uris: list[str]) -> list[bytes | str]:
-        """Fetches a batch's URIs concurrently, at most ``s3.fetch_concurrency`` in flight."""
+    def _fetch_all(self, uris: list[str]) -> list[bytes | tuple[str, str]]:
+        """Fetches a batch's URIs concurrently, at most ``s3.fetch_concurrency`` in flight; rows
+        failing transiently are tried again in rounds (waits 2, 4, 8, ... s) for up to
+        ``s3.transient_retry_s`` before they are left undone."""
+        results = self._fetch_round(uris)
+        deadline = time.monotonic() + self.s3.transient_retry_s
+        wait = 2.0
+        while True:
+            again = [i for i, r in enumerate(results) if isinstance(r, tuple) and r[1] == TRANSIENT]
+            if not again or time.monotonic() + wait > deadline:
+                return results
+            logger.warning("%d images unreachable, retrying in %.0f s", len(again), wait)
+            time.sleep(wait)
+            wait *= 2
+            for i, r in zip(again, self._fetch_round([uris[i] for i in again]), strict=True):
+                results[i] = r
+
+    def _fetch_round(self, uris: list[str]) -> list[bytes | tuple[str, str]]:
         if len(uris) <= 1 or self.s3.fetch_concurrency <= 1:
             return [self._fetch(u) for u in uris]
         if self._pool is None:
@@ -158,8 +200,8 @@ class DecodeStage:
         stages = batch.column("stage").to_pylist()
         todo = [i for i in range(n) if not errors[i] and data[i] is None]
         for i, fetched in zip(todo, self._fetch_all([uris[i] for i in todo]), strict=True):
-            if isinstance(fetched, str):
-                errors[i], stages[i] = fetched, "read"
+            if isinstance(fetched, tuple):
+                errors[i], stages[i] = fetched
             else:
                 data[i] = fetched
         keys = ["width", "height"] + [
@@ -259,7 +301,7 @@ class EncodeStage:
                         images = stack_group(batch["pixels"], group, (th, tw), self.device)
                     inputs = self.family.preprocess(images)
                 except Exception as exc:  # a bad group must not lose the batch
-                    errors[group], stages[group] = one_line(exc), "preprocess"
+                    errors[group], stages[group] = group_failure(exc, group, "preprocess")
                     continue
                 try:
                     if self.store_tokens:
@@ -276,7 +318,7 @@ class EncodeStage:
                 except torch.cuda.OutOfMemoryError:
                     raise
                 except Exception as exc:
-                    errors[group], stages[group] = one_line(exc), "encode"
+                    errors[group], stages[group] = group_failure(exc, group, "encode")
         if pending:
             try:
                 with torch.inference_mode():  # one copy back (and wait) per batch
@@ -285,7 +327,7 @@ class EncodeStage:
                 raise
             except Exception as exc:  # an asynchronous device error surfaces here
                 for group, _ in pending:
-                    errors[group], stages[group] = one_line(exc), "encode"
+                    errors[group], stages[group] = group_failure(exc, group, "encode", True)
             else:
                 start_row = 0
                 for group, _ in pending:
@@ -443,7 +485,7 @@ class MaskStage:
                     inputs = self.family.preprocess(images)
                     embeddings = self.generator.image_embeddings(inputs["pixel_values"])
                 except Exception as exc:  # a bad group must not lose the batch
-                    errors[group], stages[group] = one_line(exc), "encode"
+                    errors[group], stages[group] = group_failure(exc, group, "encode")
                     continue
                 for j, i in enumerate(group):
                     original = (int(batch["height"][i]), int(batch["width"][i]))

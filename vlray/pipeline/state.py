@@ -17,6 +17,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -65,6 +66,15 @@ def is_done(digests: np.ndarray, done: np.ndarray) -> np.ndarray:
     pos = np.searchsorted(done, digests)
     pos[pos == len(done)] = 0
     return done[pos] == digests
+
+
+class RunFailed(RuntimeError):
+    """The run stopped or ended without doing its work (error budget, a systemic failure, rows
+    left undone, an accounting mismatch): exit 1. Committed work stays; ``summary`` says what."""
+
+    def __init__(self, message: str, summary: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class RunLock:
