@@ -167,6 +167,12 @@ def _query_parser() -> argparse.ArgumentParser:
     what.add_argument("--text", help="text query (SigLIP families)")
     what.add_argument("--image", help="image file path or URI")
     what.add_argument("--id", help="id of an indexed image")
+    p.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="load the model from here instead of the folder or hub id the index recorded "
+        "(it must hold the same weights)",
+    )
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument(
         "--json", action="store_true", help='print a JSON list of {"id", "score"}, best first'
@@ -193,7 +199,7 @@ def query_main(argv: list[str] | None = None) -> int:
         return 2
     try:
         s3 = build_config(None, {**parse_assignments(args.set), "demo": True}).s3
-        searcher = Searcher.open(args.index, s3)
+        searcher = Searcher.open(args.index, s3, args.model)
         if args.text is not None:
             hits = searcher.by_text(args.text, args.k)
         elif args.image is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from pathlib import Path
@@ -12,11 +13,14 @@ import numpy as np
 import torch
 
 from vlray.config import S3Config
-from vlray.families import CheckpointError, family_for, resolve_checkpoint
+from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
+from vlray.families.fingerprint import fingerprint_difference, weights_fingerprint
 from vlray.index import SearchIndex
 from vlray.ops.decode import DecodeError, decode_image
 from vlray.ops.resize import resize_uint8
 from vlray.storage import list_files, locate, read_bytes, resolved_endpoint, scrub
+
+logger = logging.getLogger(__name__)
 
 INDEX_FILES = ("index.faiss", "ids.parquet", "manifest.json")
 
@@ -54,11 +58,70 @@ def _local_index_dir(uri: str, s3: S3Config | None) -> str:
     return str(cache)
 
 
+def _where_recorded(manifest: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(name, revision) candidates for the recorded weights: the folder the job loaded, when it
+    exists here, else the recorded name (a hub id, resolved at the recorded revision)."""
+    path = manifest.get("model_path")
+    if path and Path(path).is_dir():
+        return [(path, None)]
+    name = manifest.get("model")
+    return [(name, manifest.get("revision"))] if name else []
+
+
+def manifest_checkpoint(manifest: dict[str, Any], model: str | None = None) -> Checkpoint:
+    """The checkpoint of exactly the weights an index was built with.
+
+    From ``model`` when given (a folder or hub id), else the recorded folder, else the recorded
+    hub id at the recorded revision (the Hugging Face cache when offline). Weights the job
+    loaded from files must match the manifest's fingerprint; seeded random weights (manifest
+    ``weights: random`` with no fingerprint) are rebuilt from the config and seed.
+
+    Raises:
+        QueryError: not found here, or a fingerprint mismatch; the message says what to pass.
+    """
+    recorded = manifest.get("fingerprint")
+    pinned = "fingerprint" in manifest  # indexes from before fingerprints: trust the name
+    seeded = manifest.get("weights") == "random" and (recorded is None)
+    candidates = [(model, None)] if model else _where_recorded(manifest)
+    if not candidates:
+        raise QueryError("the index manifest names no model; pass --model PATH_OR_ID")
+    name, revision = candidates[0]
+    hint = "pass --model PATH_OR_ID with the checkpoint the index was built with"
+    try:
+        checkpoint = resolve_checkpoint(
+            name,
+            weights="random" if seeded else "pretrained",
+            processor_overrides=manifest.get("processor") or {},
+            seed=int(manifest.get("seed", 0)),
+            revision=revision,
+        )
+    except CheckpointError as exc:
+        where = manifest.get("model_path") or manifest.get("model")
+        raise QueryError(
+            f"cannot load the weights this index was built with ({where}): {exc}; {hint}"
+        ) from None
+    if pinned and not seeded:
+        problem = fingerprint_difference(recorded, weights_fingerprint(checkpoint.path))
+        if problem:
+            raise QueryError(
+                f"{checkpoint.path} holds other weights than the index was built with "
+                f"({problem}); {hint}"
+            )
+    elif not pinned:
+        logger.warning("index manifest has no weights fingerprint: using %s unverified", name)
+    return checkpoint
+
+
 class Searcher:
     """An index plus (lazily) the model that made it."""
 
-    def __init__(self, index: SearchIndex, s3: S3Config | None = None) -> None:
+    def __init__(
+        self, index: SearchIndex, s3: S3Config | None = None, model: str | None = None
+    ) -> None:
+        """``model``: the checkpoint (folder or hub id) to use instead of the recorded one; it
+        must hold the same weights (same fingerprint)."""
         self.index = index
+        self.model = model
         self.manifest: dict[str, Any] = index.manifest
         self.load_seconds = float(getattr(index, "load_seconds", 0.0))
         self.last_query_seconds = 0.0
@@ -68,10 +131,11 @@ class Searcher:
         self._text_encoder: Any = None
 
     @classmethod
-    def open(cls, uri: str, s3: S3Config | None = None) -> Searcher:
-        """Loads the index at ``uri`` (a local folder or an ``s3://`` prefix)."""
+    def open(cls, uri: str, s3: S3Config | None = None, model: str | None = None) -> Searcher:
+        """Loads the index at ``uri`` (a local folder or an ``s3://`` prefix); ``model``
+        overrides where its weights are loaded from (see :func:`manifest_checkpoint`)."""
         try:
-            return cls(SearchIndex.load(_local_index_dir(uri, s3)), s3)
+            return cls(SearchIndex.load(_local_index_dir(uri, s3)), s3, model)
         except (OSError, ValueError) as exc:
             if isinstance(exc, QueryError):
                 raise
@@ -79,28 +143,17 @@ class Searcher:
 
     @property
     def family(self) -> Any:
-        """The model family, from the manifest (loaded on first use)."""
+        """The model family of the weights the index was built with (loaded on first use).
+
+        Raises:
+            QueryError: those weights cannot be found here, or differ from the recorded ones.
+        """
         if self._family is None:
-            m = self.manifest
-            name = (
-                m.get("model_path")
-                if m.get("model_path") and Path(m["model_path"]).exists()
-                else m.get("model")
-            )
+            checkpoint = manifest_checkpoint(self.manifest, self.model)
             try:
-                checkpoint = resolve_checkpoint(
-                    name,
-                    weights="random"
-                    if m.get("weights") == "random" and not Path(name).exists()
-                    else "pretrained"
-                    if any(Path(name).glob("*.safetensors"))
-                    else "random",
-                    processor_overrides=m.get("processor") or {},
-                    seed=int(m.get("seed", 0)),
-                )
+                self._family = family_for(checkpoint)
             except CheckpointError as exc:
                 raise QueryError(str(exc)) from None
-            self._family = family_for(checkpoint)
         return self._family
 
     def _search(self, vector: np.ndarray, k: int, probability: Any = None) -> list[dict[str, Any]]:

@@ -140,8 +140,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
 
 
-def _local_folder(name: str) -> Path:
-    """A local folder for ``name``: itself, a preset in configs/arch/, or a hub download."""
+def _local_folder(name: str, revision: str | None = None) -> Path:
+    """A local folder for ``name``: itself, a preset in configs/arch/, or a hub download (of
+    ``revision`` when given; offline, the Hugging Face cache's copy)."""
     candidate = Path(name).expanduser()
     if candidate.is_dir():
         return candidate.resolve()
@@ -158,6 +159,7 @@ def _local_folder(name: str) -> Path:
         return Path(
             snapshot_download(
                 name,
+                revision=revision,
                 allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"],
             )
         )
@@ -199,6 +201,7 @@ def resolve_checkpoint(
     weights: str = "pretrained",
     processor_overrides: dict[str, Any] | None = None,
     seed: int = 0,
+    revision: str | None = None,
 ) -> Checkpoint:
     """Reads config.json and preprocessor_config.json of ``name``.
 
@@ -207,11 +210,12 @@ def resolve_checkpoint(
         weights: ``pretrained`` (safetensors required) or ``random``.
         processor_overrides: keys replacing the checkpoint's preprocessor config.
         seed: seed of random weights.
+        revision: the hub commit (or branch, tag) of a hub id; None: the latest.
 
     Raises:
         CheckpointError: missing folder or files, with what to do about it.
     """
-    folder = _local_folder(name)
+    folder = _local_folder(name, revision)
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json: is it a save_pretrained folder?")

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
+from vlray.families.fingerprint import hub_revision, weights_fingerprint
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
@@ -192,6 +193,11 @@ def _index_manifest_fields(
         "model_path": checkpoint.path,
         "family": family_name,
         "weights": "random" if checkpoint.random_weights else "pretrained",
+        "revision": hub_revision(checkpoint.path),
+        # the weight files loaded (None: seeded random weights built from the config)
+        "fingerprint": weights_fingerprint(checkpoint.path)
+        if checkpoint.weights == "pretrained"
+        else None,
         "seed": checkpoint.seed,
         "processor": checkpoint.processor,
         "output_dtype": config.output.dtype,
@@ -243,7 +249,7 @@ def build_output_index(
     except (FileNotFoundError, OSError, ValueError):
         existing = None
     same_model = existing is not None and all(
-        existing.get(k) == fields[k] for k in ("model", "family", "weights", "seed")
+        existing.get(k) == fields[k] for k in ("model", "family", "weights", "seed", "fingerprint")
     )
     runs = list(existing.get("runs", [])) if same_model and existing else []
     mode = "rebuild"

@@ -181,6 +181,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         on_swap=on_swap,
         on_model_load=lambda kind, s: metrics.model_load_seconds.labels(kind).set(s),
         on_reload_result=lambda result: metrics.index_reloads.labels(result).inc(),
+        model=config.model,
     )
     holder.check()
     if config.preload_models and holder.snapshot is not None:

@@ -36,6 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-k", type=int, default=1000, help="largest k (default 1000)")
     p.add_argument("--preload", action="store_true", help="load the encoders at start")
+    p.add_argument(
+        "--model",
+        metavar="PATH_OR_ID",
+        help="load the model from here instead of the folder or hub id the index recorded",
+    )
     p.add_argument("--ray-serve", action="store_true", help="run as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray Serve CPUs per replica")
@@ -56,6 +61,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_pixels=args.max_pixels,
         max_k=args.max_k,
         preload_models=args.preload,
+        model=args.model,
     )
 
 

@@ -24,6 +24,8 @@ class ServeConfig:
         max_offset: Largest paging ``offset``.
         max_text_chars: Longest text query.
         preload_models: Load the image and text encoders at start instead of on first use.
+        model: Load the model from this folder or hub id instead of the one the index records
+            (it must hold the same weights: the manifest's fingerprint is checked).
     """
 
     index: str
@@ -35,6 +37,7 @@ class ServeConfig:
     max_offset: int = 10_000
     max_text_chars: int = 1000
     preload_models: bool = False
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict (the Ray Serve deployment's constructor argument)."""

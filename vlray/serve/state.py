@@ -34,7 +34,16 @@ from vlray.storage import Location, list_files, locate, read_bytes
 logger = logging.getLogger(__name__)
 
 # Manifest keys that decide which model (and preprocessing) a query must use.
-_MODEL_KEYS = ("model", "model_path", "family", "weights", "seed", "processor")
+_MODEL_KEYS = (
+    "model",
+    "model_path",
+    "revision",
+    "fingerprint",
+    "family",
+    "weights",
+    "seed",
+    "processor",
+)
 
 
 class ItemSizes:
@@ -247,8 +256,10 @@ class IndexHolder:
         on_swap: Callable[[Snapshot], None] | None = None,
         on_model_load: Callable[[str, float], None] | None = None,
         on_reload_result: Callable[[str], None] | None = None,
+        model: str | None = None,
     ) -> None:
         self.uri = uri
+        self.model = model
         self.interval = interval
         self._root = locate(uri)
         self._out = locate(_parent_uri(uri))
@@ -273,7 +284,7 @@ class IndexHolder:
             return None
 
     def _load(self, manifest_bytes: bytes) -> Snapshot:
-        searcher = Searcher.open(self.uri)
+        searcher = Searcher.open(self.uri, model=self.model)
         _warm(searcher)
         current = self._snapshot
         if current is not None and _model_key(current.manifest) == _model_key(searcher.manifest):
