@@ -26,7 +26,10 @@ from vlray.families.base import Family, UnsupportedImage
 from vlray.ops.decode import DecodeError, probe_image
 from vlray.query import QueryError
 from vlray.serve.config import ServeConfig
-from vlray.serve.metrics import Metrics
+from vlray.serve.guard import Guard, GuardSettings
+from vlray.serve.metrics import Metrics, Observe
+from vlray.serve.public import load_error, model_name, redact
+from vlray.serve.slots import DecodeSlots, SlotsBusy
 from vlray.serve.state import IndexHolder, Snapshot
 from vlray.storage import read_bytes
 
@@ -165,6 +168,24 @@ def _has_text_tower(snap: Snapshot) -> bool:
     return type(family).load_text_encoder is not Family.load_text_encoder
 
 
+class _Holder(IndexHolder):
+    """An IndexHolder whose every failed load (a corrupt ``index.faiss`` included) leaves a clear
+    reason in ``error`` (served as 503) instead of escaping from start-up or the reload thread."""
+
+    def __init__(self, uri: str, interval: float, on_error: Any, **kwargs: Any) -> None:
+        super().__init__(uri, interval, **kwargs)
+        self._on_error = on_error
+
+    def check(self) -> bool:
+        try:
+            return super().check()
+        except Exception as exc:
+            self.error = load_error(self.uri, exc)
+            logger.warning("%s (%s: %s)", self.error, type(exc).__name__, exc)
+            self._on_error()
+            return False
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """Builds the app and loads the index (a missing index only makes ``/readyz`` fail)."""
     metrics = Metrics()
@@ -175,9 +196,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics.index_load_seconds.set(snap.searcher.load_seconds)
         metrics.index_loaded_timestamp.set(snap.loaded_at)
 
-    holder = IndexHolder(
+    holder = _Holder(
         config.index,
         config.reload_interval_s,
+        on_error=lambda: metrics.index_reloads.labels("error").inc(),
         on_swap=on_swap,
         on_model_load=lambda kind, s: metrics.model_load_seconds.labels(kind).set(s),
         on_reload_result=lambda result: metrics.index_reloads.labels(result).inc(),
@@ -202,28 +224,19 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.config = config
     app.state.holder = holder
     app.state.metrics = metrics
+    slots = DecodeSlots(config.max_decodes, config.decode_wait_s)
+    app.state.decode_slots = slots
 
-    body_limit = config.max_upload_bytes + _BODY_SLACK
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        holder.maybe_reload()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > body_limit):
-            response: Response = JSONResponse(
-                {"detail": f"request body too large (limit {config.max_upload_bytes} bytes)"},
-                status_code=413,
-            )
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        template = getattr(route, "path", None) or "unmatched"
-        metrics.requests.labels(template, request.method, str(response.status_code)).inc()
-        metrics.request_seconds.labels(template, request.method).observe(
-            time.perf_counter() - start
-        )
-        return response
+    # the last added is the outermost: Observe counts what Guard refuses
+    guard = GuardSettings(
+        body_limit=config.max_upload_bytes + _BODY_SLACK,
+        shown_limit=config.max_upload_bytes,
+        api_key=config.api_key,
+        key_header=API_KEY_HEADER,
+        allowed_hosts=config.allowed_hosts,
+    )
+    app.add_middleware(Guard, settings=guard)
+    app.add_middleware(Observe, metrics=metrics, before=holder.maybe_reload)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -250,7 +263,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     def current() -> Snapshot:
         snap = holder.snapshot
         if snap is None:
-            raise HTTPException(503, holder.error or "index not loaded yet")
+            raise HTTPException(503, redact(holder.error or "index not loaded yet"))
         return snap
 
     Snap = Annotated[Snapshot, Depends(current)]
@@ -322,6 +335,26 @@ def create_app(config: ServeConfig) -> FastAPI:
             "took_ms": round(took * 1000, 3),
         }
 
+    async def encode_upload(snap: Snapshot, file: UploadFile) -> np.ndarray:
+        data = await file.read(config.max_upload_bytes + 1)
+        if len(data) > config.max_upload_bytes:
+            raise HTTPException(413, f"upload too large (limit {config.max_upload_bytes} bytes)")
+        if not data:
+            raise HTTPException(400, "empty upload (0 bytes)")
+        try:
+            probe_image(data, config.max_pixels)  # header only: bombs never get decoded
+            return await run_in_threadpool(snap.models.encode_image, data, config.max_pixels)
+        except DecodeError as exc:
+            raise HTTPException(
+                _decode_status(exc), f"{file.filename or 'upload'}: {exc}"
+            ) from None
+        except UnsupportedImage as exc:
+            raise HTTPException(
+                422, f"the model cannot take this image: {redact(str(exc))}"
+            ) from None
+        except QueryError as exc:
+            raise HTTPException(503, f"model not available: {redact(str(exc))}") from None
+
     # -- /api ---------------------------------------------------------------------------------
 
     api = APIRouter(prefix="/api", dependencies=[Depends(require_key)] if config.api_key else [])
@@ -334,7 +367,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "count": snap.count,
             "dim": snap.dim,
             "factory": m.get("factory"),
-            "model": m.get("model"),
+            "model": model_name(m.get("model")),
             "family": m.get("family"),
             "weights": m.get("weights"),
             "created_at": m.get("created_at"),
@@ -365,9 +398,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         try:
             vector, probability = snap.models.encode_text(q)
         except NotImplementedError as exc:
-            raise HTTPException(400, str(exc)) from None
+            raise HTTPException(400, redact(str(exc))) from None
         except QueryError as exc:
-            raise HTTPException(503, f"model not available: {exc}") from None
+            raise HTTPException(503, f"model not available: {redact(str(exc))}") from None
         return respond(request, snap, "text", vector, k, offset, min_score, start, probability)
 
     @api.get(
@@ -424,23 +457,14 @@ def create_app(config: ServeConfig) -> FastAPI:
         min_score: MinScore = None,
     ) -> dict[str, Any]:
         start = time.perf_counter()
-        data = await file.read(config.max_upload_bytes + 1)
-        await file.close()
-        if len(data) > config.max_upload_bytes:
-            raise HTTPException(413, f"upload too large (limit {config.max_upload_bytes} bytes)")
-        if not data:
-            raise HTTPException(400, "empty upload (0 bytes)")
         try:
-            probe_image(data, config.max_pixels)  # header only: bombs never get decoded
-            vector = await run_in_threadpool(snap.models.encode_image, data, config.max_pixels)
-        except DecodeError as exc:
-            raise HTTPException(
-                _decode_status(exc), f"{file.filename or 'upload'}: {exc}"
-            ) from None
-        except UnsupportedImage as exc:
-            raise HTTPException(422, f"the model cannot take this image: {exc}") from None
-        except QueryError as exc:
-            raise HTTPException(503, f"model not available: {exc}") from None
+            async with slots.slot():  # the bytes in memory and the decode: a bounded number
+                vector = await encode_upload(snap, file)
+        except SlotsBusy as exc:
+            metrics.image_busy.inc()
+            raise HTTPException(503, f"{exc}; retry shortly", headers=exc.headers) from None
+        finally:
+            await file.close()
         return await run_in_threadpool(
             respond, request, snap, "image", vector, k, offset, min_score, start
         )
@@ -513,7 +537,8 @@ def create_app(config: ServeConfig) -> FastAPI:
     def readyz() -> Any:
         snap = holder.snapshot
         if snap is None:
-            return JSONResponse({"detail": holder.error or "index not loaded"}, status_code=503)
+            detail = redact(holder.error or "index not loaded")
+            return JSONResponse({"detail": detail}, status_code=503)
         return {
             "status": "ready",
             "count": snap.count,

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from vlray.serve.config import DEFAULT_HOST, ServeConfig
+from vlray.serve.config import DEFAULT_HOST, LOOPBACK_HOSTS, ServeConfig, is_loopback
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +41,22 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH_OR_ID",
         help="load the model from here instead of the folder or hub id the index recorded",
     )
+    p.add_argument(
+        "--allowed-hosts",
+        metavar="NAMES",
+        help="comma-separated Host header names to answer (port ignored; *.example.com matches "
+        "subdomains; * any). Default: 127.0.0.1,localhost,::1 when --host is a loopback "
+        "address, else any",
+    )
+    p.add_argument(
+        "--max-decodes", type=int, default=2, help="image uploads decoded at once (default 2)"
+    )
+    p.add_argument(
+        "--decode-wait",
+        type=float,
+        default=5.0,
+        help="seconds an upload waits for a decode slot before 503 + Retry-After (default 5)",
+    )
     p.add_argument("--ray-serve", action="store_true", help="run as a Ray Serve deployment")
     p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (default 1)")
     p.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray Serve CPUs per replica")
@@ -62,7 +78,21 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_k=args.max_k,
         preload_models=args.preload,
         model=args.model,
+        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host),
+        max_decodes=args.max_decodes,
+        decode_wait_s=args.decode_wait,
     )
+
+
+def allowed_hosts(flag: str | None, bind: str) -> tuple[str, ...] | None:
+    """The Host names to answer: the flag's, else the loopback names on a loopback bind."""
+    if flag is not None:
+        names = tuple(n.strip() for n in flag.split(",") if n.strip())
+        return None if not names or "*" in names else names
+    if not is_loopback(bind):
+        return None
+    bound = bind.strip("[]").lower()
+    return LOOPBACK_HOSTS if bound in LOOPBACK_HOSTS else (*LOOPBACK_HOSTS, bound)
 
 
 def serve_main(argv: list[str] | None = None) -> int:
@@ -73,10 +103,12 @@ def serve_main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     config = config_from_args(args)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+    if not is_loopback(args.host) and not config.api_key:
         logging.warning(
             "binding %s without --api-key: anyone who can reach it can query", args.host
         )
+    hosts = config.allowed_hosts
+    logging.info("answering Host: %s", ", ".join(hosts) if hosts else "any (--allowed-hosts)")
     if args.ray_serve:
         return _run_ray_serve(config, args)
     import uvicorn
