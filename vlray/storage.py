@@ -14,6 +14,7 @@ import os
 import posixpath
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -205,6 +206,71 @@ def read_bytes(location: Location) -> bytes:
         return stream.read()
 
 
+class TooLarge(OSError):
+    """A file or object over the size cap (``input.max_bytes``): not read."""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a regular file"
+
+
+def _check_size(size: int, max_bytes: int) -> None:
+    if max_bytes and size > max_bytes:
+        raise TooLarge(f"{size} bytes is over input.max_bytes ({max_bytes})")
+
+
+def read_local(path: str, max_bytes: int = 0) -> bytes:
+    """A regular local file, whole; never blocks on a FIFO or reads a device.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor (no race between the
+    check and the read): anything but a regular file, or one over ``max_bytes`` (0: no cap), is
+    refused before a byte is read.
+
+    Raises:
+        FileNotFoundError: no such file.
+        PermissionError: not readable.
+        TooLarge: over ``max_bytes``.
+        OSError: not a regular file, an invalid path, or out of memory.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except ValueError:  # an embedded NUL byte
+        raise OSError(f"invalid path {path!r}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(f"{_kind(info.st_mode)}, not a regular file")
+        _check_size(info.st_size, max_bytes)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(info.st_size + 1)
+            if len(data) > info.st_size:  # it grew since fstat: read on, up to the cap
+                data += f.read(max_bytes + 1 - len(data) if max_bytes else -1)
+        _check_size(len(data), max_bytes)
+        return data
+    except MemoryError:
+        raise OSError(f"out of memory reading {path}") from None
+    finally:
+        os.close(fd)
+
+
+def _read_object(location: Location, max_bytes: int) -> bytes:
+    """A whole object, its size checked against ``max_bytes`` (0: none) before reading."""
+    with location.fs.open_input_file(location.path) as f:
+        _check_size(f.size(), max_bytes)
+        try:
+            return f.read()
+        except MemoryError:
+            raise OSError(f"out of memory reading {location.uri} ({f.size()} bytes)") from None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying (5xx, throttling, dropped or refused connections)."""
     if isinstance(exc, (FileNotFoundError, PermissionError)):
@@ -224,20 +290,32 @@ class TransientError(OSError):
 
 
 def fetch_bytes(
-    uri: str, s3: S3Config | None = None, attempts: int = 3, backoff_s: float = 0.5
+    uri: str,
+    s3: S3Config | None = None,
+    attempts: int = 3,
+    backoff_s: float = 0.5,
+    max_bytes: int = 0,
 ) -> bytes:
     """Reads a whole file or object, retrying transient errors (on top of the SDK's own retries).
+
+    Local paths must be regular files (see ``read_local``); files and objects over
+    ``max_bytes`` (0: no cap) are refused from their size, unread.
 
     Raises:
         FileNotFoundError: no such file or object.
         PermissionError: access denied (message scrubbed of credentials).
         TransientError: a transient failure that outlasted the retries (message scrubbed).
+        TooLarge: over ``max_bytes``.
         OSError: anything else (message scrubbed).
     """
+    local = not uri.startswith("s3://")
+    path = os.path.expanduser(uri[len("file://") :] if uri.startswith("file://") else uri)
     for attempt in range(attempts):
         try:
-            return read_bytes(locate(uri, s3))
-        except FileNotFoundError:
+            if local:
+                return read_local(path, max_bytes)
+            return _read_object(locate(uri, s3), max_bytes)
+        except (FileNotFoundError, TooLarge):
             raise
         except OSError as exc:
             if is_denied(exc):
@@ -302,6 +380,84 @@ def list_files(location: Location, suffixes: tuple[str, ...] | None = None) -> l
             continue
         paths.append(info.path)
     return sorted(paths)
+
+
+@dataclass
+class Listing:
+    """The files under a folder, and what was left out and why."""
+
+    files: list[str]
+    skipped: list[tuple[str, str]]
+    """(path, reason): ``hidden``, ``broken_link``, ``repeated_folder`` (a folder link to a
+    folder already listed: loops and aliases), ``not_regular`` (FIFO, device, socket),
+    ``unreadable``."""
+
+
+def walk_files(location: Location) -> Listing:
+    """Every file under a folder, recursively, sorted; names starting with ``.`` are skipped.
+
+    Locally, links are followed (to files, and to folders not yet listed: real paths are
+    tracked, so a link loop is listed once); only regular files are listed. On S3 this is one
+    paginated listing of the prefix.
+    """
+    if location.is_local:
+        return _walk_local(location.path)
+    files, skipped = [], []
+    selector = pafs.FileSelector(location.path, recursive=True, allow_not_found=True)
+    for info in location.fs.get_file_info(selector):
+        if info.type != pafs.FileType.File:
+            continue
+        rel = posixpath.relpath(info.path, location.path)
+        if any(part.startswith(".") for part in rel.split("/")):
+            skipped.append((info.path, "hidden"))
+        else:
+            files.append(info.path)
+    return Listing(sorted(files), sorted(skipped))
+
+
+def _walk_local(root: str) -> Listing:
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    folders, links = [root], []  # linked folders after the real ones: a real path wins
+    while folders or links:
+        folder = folders.pop() if folders else links.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            skipped.append((folder, "repeated_folder"))
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            skipped.append((folder, "unreadable"))
+            continue
+        for entry in entries:
+            kind = _entry_kind(entry)
+            if kind == "folder":
+                (links if entry.is_symlink() else folders).append(entry.path)
+            elif kind == "file":
+                files.append(entry.path)
+            else:
+                skipped.append((entry.path, kind))
+    return Listing(sorted(files), sorted(skipped))
+
+
+def _entry_kind(entry: os.DirEntry) -> str:
+    """``file`` (regular, links followed), ``folder``, or why the entry is skipped."""
+    if entry.name.startswith("."):
+        return "hidden"
+    try:
+        if entry.is_dir():
+            return "folder"
+        if entry.is_file():
+            return "file"
+        if entry.is_symlink() and not os.path.exists(entry.path):
+            return "broken_link"
+    except OSError:
+        return "unreadable"
+    return "not_regular"
 
 
 def _endpoint_address(s3: S3Config | None, bucket: str) -> tuple[str, int, str]:

@@ -128,7 +128,7 @@ def test_an_outage_that_passes_is_retried_and_one_that_lasts_is_left_undone(
     calls = {"n": 0}
     real = stages_module.fetch_bytes
 
-    def flaky(uri, s3=None):
+    def flaky(uri, s3=None, **_):
         calls["n"] += 1
         if calls["n"] <= 2:
             raise TransientError("Connection reset by peer")
@@ -140,13 +140,15 @@ def test_an_outage_that_passes_is_retried_and_one_that_lasts_is_left_undone(
     stage = DecodeStage(checkpoint, 10**8, S3Config(transient_retry_s=60))
     assert stage._fetch_all([str(img)])[0] == img.read_bytes()
 
-    def down(uri, s3=None):
+    def down(uri, s3=None, **_):
         raise TransientError("HTTP status 503")
 
     monkeypatch.setattr(stages_module, "fetch_bytes", down)
     reason, stage_name = stage._fetch_all([str(img)])[0]
     assert stage_name == TRANSIENT and "503" in reason
-    monkeypatch.setattr(stages_module, "fetch_bytes", lambda uri, s3=None: open("/nonexistent"))
+    monkeypatch.setattr(
+        stages_module, "fetch_bytes", lambda uri, s3=None, **_: open("/nonexistent")
+    )
     assert stage._fetch_all(["/nonexistent"])[0][1] == "read"  # permanent: an error row
 
 

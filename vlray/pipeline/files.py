@@ -34,6 +34,11 @@ THUMBNAIL_WRITERS = 16
 """Thumbnails are one small file (one PUT on S3) per image: written this many at a time."""
 
 
+def id_array(ids: np.ndarray) -> pa.Array:
+    """Ids as an Arrow string array, exactly: ``astype(str)`` would cut trailing NUL bytes."""
+    return pa.array([str(i) for i in ids], pa.string())
+
+
 def one_line(exc: BaseException) -> str:
     """An exception as one short line, without a stack."""
     text = " ".join(str(exc).split()) or type(exc).__name__
@@ -89,7 +94,7 @@ def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.T
     grids = batch["token_grid"][ok]
     return pa.table(
         {
-            "id": pa.array(batch["id"][ok].astype(str)),
+            "id": id_array(batch["id"][ok]),
             "grid_h": pa.array(grids[:, 0], pa.int32()),
             "grid_w": pa.array(grids[:, 1], pa.int32()),
             "dim": pa.array(np.full(len(matrices), dim, dtype=np.int32)),
@@ -147,7 +152,7 @@ class WriteStage:
             if self.schema is None:  # SAM alone: a row with no mask is still done
                 done = pa.table(
                     {
-                        "id": pa.array(batch["id"][ok].astype(str), pa.string()),
+                        "id": id_array(batch["id"][ok]),
                         "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
                     }
                 )
@@ -159,7 +164,7 @@ class WriteStage:
             values = pa.array(emb.reshape(-1))
             table = pa.table(
                 {
-                    "id": pa.array(batch["id"][ok].astype(str), pa.string()),
+                    "id": id_array(batch["id"][ok]),
                     "embedding": pa.FixedSizeListArray.from_arrays(values, self.dim),
                     "width": pa.array(batch["width"][ok], pa.int32()),
                     "height": pa.array(batch["height"][ok], pa.int32()),
@@ -174,7 +179,7 @@ class WriteStage:
         if n_err:
             table = pa.table(
                 {
-                    "id": pa.array(batch["id"][failed].astype(str)),
+                    "id": id_array(batch["id"][failed]),
                     "stage": pa.array(stage[failed]),
                     "error": pa.array(errors[failed]),
                     "source": pa.array(batch["source"][failed].astype(str)),

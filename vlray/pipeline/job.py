@@ -80,6 +80,7 @@ def build_dataset(
         "s3": config.s3,
         "decode": config.input.decode,
         "thumbnails": config.output.thumbnails,
+        "max_bytes": config.input.max_bytes,
     }
     if stages.fused:  # plan_resources fuses only one embedding model without SAM
         ds = ds.map_batches(
@@ -566,6 +567,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
             "thumbnails": int(totals.get("thumbnails", 0)),
             "errors": errors,
             "skipped_done": plan.skipped,
+            "skipped": plan.skipped_files,
+            "input_errors": plan.unreadable,
             "errors_retried_and_removed": retried,
             "errors_by_stage": {
                 stage: int(totals[f"errors_{stage}"])

@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-from vlray.config import S3Config, SamConfig
+from vlray.config import InputConfig, S3Config, SamConfig
 from vlray.families import Checkpoint, UnsupportedImage, family_for
 from vlray.ops.decode import (
     DecodeError,
@@ -79,8 +79,10 @@ class DecodeStage:
         sam_checkpoint: Checkpoint | None = None,
         decode: str = "exact",
         thumbnails: int = 0,
+        max_bytes: int = InputConfig.max_bytes,
     ) -> None:
         torch.set_num_threads(1)
+        self.max_bytes = max_bytes
         large_pil_blocks()
         self.thumbnails = thumbnails
         self.draft = decode == "draft"
@@ -108,7 +110,7 @@ class DecodeStage:
         """The bytes at ``uri`` (transient errors retried), or (one-line reason, stage): stage
         ``read`` for a permanent problem, ``transient`` for an outage that outlasted the retries."""
         try:
-            return fetch_bytes(uri, self.s3)
+            return fetch_bytes(uri, self.s3, max_bytes=self.max_bytes)
         except FileNotFoundError:
             return f"missing file or object: {scrub(uri, self.s3)}", "read"
         except PermissionError:
@@ -368,8 +370,11 @@ class DecodeEncodeStage:
         store_tokens: bool = False,
         decode: str = "exact",
         thumbnails: int = 0,
+        max_bytes: int = InputConfig.max_bytes,
     ) -> None:
-        self.decode = DecodeStage(checkpoint, max_pixels, s3, decode=decode, thumbnails=thumbnails)
+        self.decode = DecodeStage(
+            checkpoint, max_pixels, s3, decode=decode, thumbnails=thumbnails, max_bytes=max_bytes
+        )
         self.encode = EncodeStage(checkpoint, device, dtype, max_group_size, threads, store_tokens)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray]:
