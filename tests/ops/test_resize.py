@@ -79,3 +79,23 @@ def test_resize_keeps_the_pad_channel_when_asked():
     packed = resize_uint8(np.asarray(image), size, InterpolationMode.BILINEAR, pack=False)
     assert packed.shape == (*size, 3)  # nothing to drop from 3 channels
     assert np.array_equal(padded[..., :3], packed)
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (10, 13), (8, 8), (5, 12), (12, 5), (3, 4)])
+def test_center_crop_matches_reference(shape):
+    """Odd margins rounded down (torchvision's own center_crop rounds), zero padding where the
+    crop is larger, in both layouts."""
+    from transformers.image_processing_backends import TorchvisionBackend
+    from transformers.image_utils import SizeDict
+
+    from vlray.ops.resize import center_crop_chw, center_crop_hwc
+
+    hwc = np.random.default_rng(1).integers(1, 256, (*shape, 3), dtype=np.uint8)
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)
+    for size in [(8, 8), (7, 10), (1, 1)]:
+        expected = TorchvisionBackend().center_crop(chw, SizeDict(height=size[0], width=size[1]))
+        got = center_crop_hwc(hwc, size)
+        assert got.flags.c_contiguous and got.shape == (*size, 3)
+        assert torch.equal(torch.from_numpy(got).permute(2, 0, 1), expected), size
+        assert torch.equal(center_crop_chw(chw, size), expected), size
+    assert center_crop_hwc(hwc, shape) is hwc

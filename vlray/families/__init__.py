@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from vlray.families.base import Family, ImageEncoder, TextEncoder, UnsupportedImage
 from vlray.families.checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
+from vlray.families.clip import ClipFamily
+from vlray.families.dinov2 import Dinov2Family
 from vlray.families.qwen2_vl import Qwen2VLFamily
 from vlray.families.sam import SamFamily
 from vlray.families.siglip import SiglipFamily
 from vlray.families.siglip2 import Siglip2Family
 
 FAMILIES: dict[str, type[Family]] = {
-    cls.name: cls for cls in (Siglip2Family, SiglipFamily, Qwen2VLFamily, SamFamily)
+    cls.name: cls
+    for cls in (Siglip2Family, SiglipFamily, Qwen2VLFamily, SamFamily, ClipFamily, Dinov2Family)
 }
 
 

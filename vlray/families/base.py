@@ -4,6 +4,10 @@ A family is pure torch (no Ray). The pipeline only talks to this interface:
 
 * ``target_size(h, w)`` maps an (EXIF-oriented) source size to the model's target shape. The
   target shape is the bucket key: decode actors resize to it in uint8, encoders group by it.
+* ``resize_size(h, w)`` is the shape of that uint8 resize when a centre crop follows it
+  (CLIP, DINOv2); by default the target shape itself. ``fit(pixels)`` does both, so every
+  caller (decode actors, queries, the service) crops the same way and the bucket key is the
+  final shape.
 * ``preprocess(images)`` turns a same-shape uint8 group ``(B, 3, H, W)`` into model inputs with
   single tensor ops (no per-image loop).
 * ``load_encoder(...)`` builds the image encoder (and ``load_text_encoder`` the text tower).
@@ -17,11 +21,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.checkpoint import Checkpoint, meta_module_bytes
 from vlray.ops.memory import empty_huge
+from vlray.ops.resize import center_crop_hwc, resize_uint8
 
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
@@ -51,6 +57,70 @@ def interpolation_from_resample(resample: int | str | None, default: int) -> Int
 
 class UnsupportedImage(ValueError):
     """The model cannot take this image (e.g. an aspect ratio it rejects); becomes an error row."""
+
+
+def _size_dict(value: Any, default_to_square: bool) -> dict[str, int]:
+    """A processor config's ``size`` / ``crop_size`` as transformers' ``get_size_dict`` reads
+    it: an int is ``{"shortest_edge": n}`` (or square with ``default_to_square``, as old
+    configs such as openai/clip-* write ``"size": 224, "crop_size": 224``), a pair is
+    (height, width)."""
+    if isinstance(value, dict):
+        return {k: int(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return {"height": int(value[0]), "width": int(value[1])}
+    if default_to_square:
+        return {"height": int(value), "width": int(value)}
+    return {"shortest_edge": int(value)}
+
+
+@dataclass(frozen=True)
+class ResizeCrop:
+    """The resize + centre crop of transformers' generic ``TorchvisionBackend`` (CLIP, BiT
+    for DINOv2): ``size`` as ``shortest_edge`` (aspect kept, the long side rounded down) or
+    ``height``/``width``, then an optional ``crop_size`` centre crop."""
+
+    shortest_edge: int | None
+    size: tuple[int, int] | None
+    crop: tuple[int, int] | None
+
+    @classmethod
+    def from_processor(
+        cls, processor: dict[str, Any], size: dict[str, int], crop: dict[str, int]
+    ) -> ResizeCrop:
+        """Reads do_resize / size / do_center_crop / crop_size; ``size`` and ``crop`` are the
+        reference class's defaults, used where the processor config has no such key.
+
+        Raises:
+            ValueError: a ``size`` of another kind (``longest_edge``, ``max_height``, ...).
+        """
+        resize = _size_dict(processor.get("size") or size, default_to_square=False)
+        cropped = _size_dict(processor.get("crop_size") or crop, default_to_square=True)
+        if set(resize) != {"shortest_edge"} and not {"height", "width"} <= set(resize):
+            raise ValueError(f"size must be shortest_edge or height and width, got {resize}")
+        do_resize = processor.get("do_resize", True)
+        do_crop = processor.get("do_center_crop", True)
+        return cls(
+            shortest_edge=resize.get("shortest_edge") if do_resize else None,
+            size=(resize["height"], resize["width"]) if do_resize and "height" in resize else None,
+            crop=(cropped["height"], cropped["width"]) if do_crop else None,
+        )
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """Source (height, width) -> the resized (height, width), before the crop; the
+        arithmetic of transformers' ``get_resize_output_image_size``."""
+        if self.size is not None:
+            return self.size
+        if self.shortest_edge is None:
+            return height, width
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.shortest_edge * long / short)
+        if width <= height:
+            return new_long, self.shortest_edge
+        return self.shortest_edge, new_long
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """Source (height, width) -> the final (height, width): the crop, else the resize."""
+        return self.crop if self.crop is not None else self.resize_size(height, width)
 
 
 @dataclass(frozen=True)
@@ -275,6 +345,42 @@ class Family(ABC):
         Raises:
             UnsupportedImage: the model rejects this image.
         """
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """Source (height, width) -> the shape of the uint8 resize, which a centre crop then
+        takes to ``target_size`` (families with a crop override this); by default the target
+        shape itself (no crop).
+
+        Raises:
+            UnsupportedImage: the model rejects this image.
+        """
+        return self.target_size(height, width)
+
+    def fit(
+        self,
+        pixels: np.ndarray,
+        source_size: tuple[int, int] | None = None,
+        pack: bool = True,
+    ) -> np.ndarray:
+        """One image -> its model-ready uint8 pixels: resized to ``resize_size``, then
+        centre-cropped to ``target_size`` (the bucket key) as the reference processor does.
+
+        Args:
+            pixels: (H, W, 3|4) uint8, channels 0-2 RGB.
+            source_size: the (height, width) the policy is computed from, when ``pixels`` is
+                a draft-decoded reduction of the image; None: ``pixels``' own.
+            pack: as :func:`vlray.ops.resize.resize_uint8`.
+
+        Returns:
+            (th, tw, 3|4) uint8, C-contiguous, (th, tw) == ``target_size(*source_size)``.
+
+        Raises:
+            UnsupportedImage: the model rejects this image.
+        """
+        height, width = source_size or pixels.shape[:2]
+        target = self.target_size(height, width)
+        resized = resize_uint8(pixels, self.resize_size(height, width), self.interpolation, pack)
+        return center_crop_hwc(resized, target)
 
     @abstractmethod
     def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 The pipeline splits the same steps over Ray stages (uint8 resize in the decode actors, grouping
 and ``family.preprocess`` in the encoder); this is the in-process equivalent: resize each image
 to its target shape in uint8 (over a thread pool: torch's resize kernels release the GIL), group
-same-shape images and run one ``family.preprocess`` per group.
+same-shape images and run one ``family.preprocess`` per group. (The resize is ``family.fit``:
+the uint8 resize and, for families with one, the centre crop to the target shape.)
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from PIL import Image
 
 from vlray.families.base import Family
 from vlray.ops.decode import rgb_pixels
-from vlray.ops.resize import resize_uint8
 
 
 def preprocess_images(
@@ -28,7 +28,7 @@ def preprocess_images(
     """Decoded images -> model inputs, one entry per same-shape group.
 
     Args:
-        family: the model family (its ``target_size``, ``interpolation`` and ``preprocess``).
+        family: the model family (its ``target_size``, ``fit`` and ``preprocess``).
         images: RGB PIL images or (H, W, 3|4) uint8 arrays (channels 0-2 RGB).
         pool: threads for the per-image resizes; None resizes in the calling thread.
 
@@ -46,9 +46,7 @@ def preprocess_images(
         groups.setdefault(size, []).append(index)
 
     def resize(index: int) -> np.ndarray:
-        return resize_uint8(
-            pixels[index], sizes[index], family.interpolation, pack=family.packed_groups
-        )
+        return family.fit(pixels[index], pack=family.packed_groups)
 
     # every resize first, then every group's preprocess: alternating pool and torch work
     # per group left torch's OpenMP threads spinning against the pool's (siglip2, 128

@@ -109,3 +109,53 @@ def pack_rgb(rgbx: np.ndarray) -> np.ndarray:
         return torch.from_numpy(np.ascontiguousarray(rgbx))[..., :3].contiguous().numpy()
     image = Image.frombuffer("RGBX", (width, height), rgbx, "raw", "RGBX", 0, 1)
     return np.frombuffer(image.tobytes("raw", "RGB"), np.uint8).reshape(height, width, 3)
+
+
+def _crop_axis(length: int, crop: int) -> tuple[slice, slice]:
+    """(source slice, destination slice) of the reference's centre crop along one axis.
+
+    transformers' ``TorchvisionBackend.center_crop``: an axis shorter than the crop is first
+    zero-padded, ``(crop - length) // 2`` before it; a longer one is cut from
+    ``int((length - crop) / 2)`` (rounded down, where torchvision's ``center_crop`` rounds).
+    """
+    if crop > length:
+        before = (crop - length) // 2
+        return slice(0, length), slice(before, before + length)
+    start = (length - crop) // 2
+    return slice(start, start + crop), slice(0, crop)
+
+
+def center_crop_hwc(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The reference's centre crop (zero padding where the crop is larger) of an HWC image.
+
+    Args:
+        pixels: (H, W, C) uint8.
+        size: crop (height, width).
+
+    Returns:
+        ``pixels`` itself when already ``size``; else a new C-contiguous (height, width, C)
+        uint8 array.
+    """
+    height, width = pixels.shape[:2]
+    if (height, width) == tuple(size):
+        return pixels
+    (rows, to_rows), (cols, to_cols) = _crop_axis(height, size[0]), _crop_axis(width, size[1])
+    if to_rows == slice(0, size[0]) and to_cols == slice(0, size[1]):
+        return np.ascontiguousarray(pixels[rows, cols])
+    out = np.zeros((size[0], size[1], *pixels.shape[2:]), dtype=pixels.dtype)
+    out[to_rows, to_cols] = pixels[rows, cols]
+    return out
+
+
+def center_crop_chw(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`center_crop_hwc` for (..., H, W) tensors (on any device): a view when the crop
+    fits inside, else a new zero-padded tensor."""
+    height, width = images.shape[-2:]
+    if (height, width) == tuple(size):
+        return images
+    (rows, to_rows), (cols, to_cols) = _crop_axis(height, size[0]), _crop_axis(width, size[1])
+    if to_rows == slice(0, size[0]) and to_cols == slice(0, size[1]):
+        return images[..., rows, cols]
+    out = images.new_zeros((*images.shape[:-2], size[0], size[1]))
+    out[..., to_rows, to_cols] = images[..., rows, cols]
+    return out

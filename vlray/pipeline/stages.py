@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
@@ -28,7 +29,7 @@ from vlray.ops.decode import (
     large_pil_blocks,
     plain_jpeg_size,
 )
-from vlray.ops.resize import resize_uint8
+from vlray.ops.resize import center_crop_chw, center_crop_hwc, resize_uint8
 from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
 from vlray.schema import SYSTEMIC, TRANSIENT
@@ -97,9 +98,9 @@ class DecodeStage:
         self._pool: ThreadPoolExecutor | None = None
 
     def _needed(self, height: int, width: int) -> tuple[int, int]:
-        """The largest target shape over the models (draft decoding never goes below it)."""
+        """The largest resize over the models (draft decoding never goes below it)."""
         try:
-            sizes = [family.target_size(height, width) for _, family in self.families]
+            sizes = [family.resize_size(height, width) for _, family in self.families]
         except (UnsupportedImage, ValueError):
             return height, width  # the error is reported by the resize step
         if self.thumbnails:
@@ -167,8 +168,8 @@ class DecodeStage:
             return one_line(exc), "decode"
         for prefix, family in self.families:
             try:
-                th, tw = family.target_size(row["height"], row["width"])
-                resized = resize_uint8(pixels, (th, tw), family.interpolation)
+                resized = family.fit(pixels, (row["height"], row["width"]))
+                th, tw = resized.shape[:2]
             except (UnsupportedImage, ValueError, RuntimeError) as exc:
                 return one_line(exc), "preprocess"
             row[f"{prefix}th"], row[f"{prefix}tw"] = th, tw
@@ -294,6 +295,7 @@ class EncodeStage:
                             (th, tw),
                             self.device,
                             self.family.interpolation,
+                            resize_size=self.family.resize_size,
                         )
                         for row, (message, stage) in failed.items():
                             errors[row], stages[row] = message, stage
@@ -575,6 +577,7 @@ def decode_group(
     size: tuple[int, int],
     device: torch.device,
     interpolation: InterpolationMode,
+    resize_size: Callable[[int, int], tuple[int, int]] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray, dict[int, tuple[str, str]]]:
     """Rows of one target size, some holding JPEG bytes (``encoded``), -> uint8 (B, 3, H, W)
     on ``device``, the rows it holds, and ``{row: (error, stage)}`` for the rows it dropped.
@@ -584,10 +587,13 @@ def decode_group(
     chunk the decoder refuses is retried image by image, and an image it refuses is decoded
     on the CPU as ``exact`` does (PIL's error for bad data). Rows holding pixels are used as
     they are; everything from the host goes to the device in one ``stack_group`` copy.
+    With ``resize_size`` (the family's, for families that crop) each JPEG is resized to
+    ``resize_size(h, w)`` and centre-cropped to ``size``; without, resized to ``size``.
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
     height, width = size
+    fit = resize_size or (lambda h, w: size)
     jpegs = [int(r) for r in rows if encoded[r]]
     decoded: dict[int, torch.Tensor | None] = {}
     for s in range(0, len(jpegs), GPU_DECODE_CHUNK):
@@ -603,9 +609,7 @@ def decode_group(
                 except RuntimeError:
                     frames.append(None)
         for r, frame in zip(chunk, frames, strict=True):
-            if frame is not None and tuple(frame.shape[1:]) != (height, width):
-                frame = tvF.resize(frame, [height, width], interpolation, antialias=True)
-            decoded[r] = frame
+            decoded[r] = None if frame is None else _fit_frame(frame, size, interpolation, fit)
     # the rest (pixels from the decode stage, JPEGs the device refused) as uint8 arrays on the
     # host, then stacked and copied in one go (per-image blocking copies would wait for the
     # device's queue each time)
@@ -619,7 +623,8 @@ def decode_group(
                 host[r] = np.frombuffer(cells[r], np.uint8).reshape(height, width, 3)
             else:
                 pixels = decode_pixels(cells[r], max_pixels=1 << 62)  # limit checked already
-                host[r] = resize_uint8(pixels, size, interpolation)
+                resized = resize_uint8(pixels, fit(*pixels.shape[:2]), interpolation)
+                host[r] = center_crop_hwc(resized, size)
         except DecodeError as exc:
             failed[r] = (one_line(exc), "decode")
         except ValueError as exc:
@@ -631,6 +636,20 @@ def decode_group(
     if not len(kept):
         return torch.empty((0, 3, height, width), dtype=torch.uint8), kept, failed
     return torch.stack([decoded[int(r)] for r in kept]), kept, failed
+
+
+def _fit_frame(
+    frame: torch.Tensor,
+    size: tuple[int, int],
+    interpolation: InterpolationMode,
+    resize_size: Callable[[int, int], tuple[int, int]],
+) -> torch.Tensor:
+    """A decoded (3, H, W) uint8 frame resized to ``resize_size(H, W)`` (antialiased) and
+    centre-cropped to ``size``, on its device."""
+    shape = tuple(resize_size(*frame.shape[1:]))
+    if tuple(frame.shape[1:]) != shape:
+        frame = tvF.resize(frame, list(shape), interpolation, antialias=True)
+    return center_crop_chw(frame, size)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

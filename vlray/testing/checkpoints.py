@@ -751,3 +751,160 @@ def save_hub_sam(
         },
     )
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP and DINOv2, in the hub's layouts
+
+CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+"""CLIP's bos and eos (also pad and unk) tokens."""
+
+
+def save_clip_tokenizer(folder: str | Path) -> int:
+    """A ``CLIPTokenizer`` (byte-level BPE, ``</w>`` word ends) over the lowercase letters, each
+    alone and word-final, with merges for the fixture words' first two letters; saved as the
+    hub has it (tokenizer.json, tokenizer_config.json, special tokens).
+
+    Returns:
+        The vocabulary size: token ids stay below it.
+    """
+    from transformers import CLIPTokenizer
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    vocab = {token: i for i, token in enumerate(CLIP_SPECIALS)}
+    for token in [*letters, *(c + "</w>" for c in letters)]:
+        vocab.setdefault(token, len(vocab))
+    merges = []
+    for word in sorted({w[:2] for w in WORDS if len(w) > 2}):
+        merges.append((word[0], word[1]))
+        vocab.setdefault(word, len(vocab))
+    tokenizer = CLIPTokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=CLIP_SPECIALS[1],
+        bos_token=CLIP_SPECIALS[0],
+        eos_token=CLIP_SPECIALS[1],
+        pad_token=CLIP_SPECIALS[1],
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(str(folder))
+    return len(vocab)
+
+
+def _tiny_clip_model(
+    image_size: int, patch_size: int, hidden: int, projection: int, layers: int, seed: int
+) -> PreTrainedModel:
+    from transformers import CLIPConfig, CLIPModel
+
+    text, vision = _vision_text(hidden, layers, 4, 96)
+    text.update(max_position_embeddings=77, pad_token_id=1, bos_token_id=0, eos_token_id=1)
+    vision.update(image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)
+    return CLIPModel(config)
+
+
+def save_hub_clip(
+    folder: str | Path,
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    hidden: int = 32,
+    projection: int = 24,
+    layers: int = 2,
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """A tiny ``CLIPModel`` as openai/clip-vit-* publish theirs: minimal config.json (the
+    projection narrower than the towers, as ViT-B/32's 512 < 768), the hub's
+    ``preprocessor_config.json`` (old-style ints: ``size`` is the shortest edge, ``crop_size``
+    the square crop; a ``CLIPFeatureExtractor``), a ``CLIPTokenizer``, weights whole or in
+    shards."""
+    folder = Path(folder)
+    model = _tiny_clip_model(image_size, patch_size, hidden, projection, layers, seed)
+    _hub_weights(model, folder, _shard_bytes(max_shard_size))
+    write_hub_config(model.config, folder)
+    check_config_loads(model.config, folder)
+    _write_json(
+        folder / "preprocessor_config.json",
+        {
+            "crop_size": image_size,
+            "do_center_crop": True,
+            "do_normalize": True,
+            "do_resize": True,
+            "feature_extractor_type": "CLIPFeatureExtractor",
+            "image_mean": [0.48145466, 0.4578275, 0.40821073],
+            "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "resample": 3,
+            "size": image_size,
+        },
+    )
+    assert save_clip_tokenizer(folder) <= model.config.text_config.vocab_size
+    return folder
+
+
+def _tiny_dinov2_model(
+    image_size: int, patch_size: int, hidden: int, layers: int, registers: bool, seed: int
+) -> PreTrainedModel:
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    settings = {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "mlp_ratio": 2,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
+    torch.manual_seed(seed)
+    if registers:
+        return Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**settings))
+    return Dinov2Model(Dinov2Config(**settings))
+
+
+def save_hub_dinov2(
+    folder: str | Path,
+    *,
+    image_size: int = 56,
+    patch_size: int = 8,
+    shortest_edge: int = 40,
+    crop: int = 32,
+    hidden: int = 32,
+    layers: int = 2,
+    registers: bool = False,
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+) -> Path:
+    """A tiny ``Dinov2Model`` (``Dinov2WithRegistersModel`` with ``registers``) as
+    facebook/dinov2-* publish theirs: minimal config.json (``image_size`` larger than the crop,
+    as 518 > 224, so position embeddings are interpolated), the hub's
+    ``preprocessor_config.json`` (``BitImageProcessor``, shortest edge then a smaller centre
+    crop, as 256 / 224, ImageNet's mean and std), weights whole or in shards."""
+    folder = Path(folder)
+    model = _tiny_dinov2_model(image_size, patch_size, hidden, layers, registers, seed)
+    _hub_weights(model, folder, _shard_bytes(max_shard_size))
+    write_hub_config(model.config, folder)
+    check_config_loads(model.config, folder)
+    _write_json(
+        folder / "preprocessor_config.json",
+        {
+            "crop_size": {"height": crop, "width": crop},
+            "do_center_crop": True,
+            "do_convert_rgb": True,
+            "do_normalize": True,
+            "do_rescale": True,
+            "do_resize": True,
+            "image_mean": [0.485, 0.456, 0.406],
+            "image_processor_type": "BitImageProcessor",
+            "image_std": [0.229, 0.224, 0.225],
+            "resample": 3,
+            "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": shortest_edge},
+        },
+    )
+    return folder
