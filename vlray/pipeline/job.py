@@ -20,7 +20,7 @@ from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
-from vlray.pipeline.state import RunFailed
+from vlray.pipeline.state import RunFailed, RunLock
 from vlray.schema import STAGES
 from vlray.storage import (
     Location,
@@ -367,22 +367,43 @@ def _budget_failure(totals: dict[str, float], output: OutputConfig) -> str:
     return ""
 
 
-def drive(ds: Any, output: OutputConfig) -> tuple[dict[str, float], list[str], str]:
+def drive(
+    ds: Any, output: OutputConfig, lock: RunLock | None = None
+) -> tuple[dict[str, float], list[str], str]:
     """Consumes the write stage's per-file counts; stops at the first systemic failure or once
-    the error budget is spent. Returns (totals, committed file names, failure reason or "")."""
+    the error budget is spent. Returns (totals, committed file names, failure reason or "").
+
+    Raises:
+        LockLost: ``lock`` was taken over by another run (checked after each file).
+    """
     totals: dict[str, float] = {}
     new_files: list[str] = []
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for key in STAT_KEYS:
-            totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
-        new_files += [str(name) for name in batch["file"] if name]
-        systemic = [str(t) for t in batch["systemic_error"] if t]
-        if systemic:
-            return totals, new_files, f"systemic failure: {systemic[0]}"
-        reason = _budget_failure(totals, output)
-        if reason:
-            return totals, new_files, reason
+    stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    try:
+        for batch in stream:
+            for key in STAT_KEYS:
+                totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
+            new_files += [str(name) for name in batch["file"] if name]
+            if lock is not None and lock.lost:
+                raise lock.lost
+            systemic = [str(t) for t in batch["systemic_error"] if t]
+            if systemic:
+                return totals, new_files, f"systemic failure: {systemic[0]}"
+            reason = _budget_failure(totals, output)
+            if reason:
+                return totals, new_files, reason
+    finally:
+        _close(stream)  # stop consuming now: the executor shuts its operators down
     return totals, new_files, ""
+
+
+def _close(stream: Any) -> None:
+    close = getattr(stream, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception as exc:  # a stream that fails to close must not hide why we stopped
+            logger.debug("closing the Ray Data stream: %s", exc)
 
 
 def _read_ids(location: Location) -> list[str] | None:
