@@ -306,6 +306,8 @@ def test_host_rules():
     assert allowed_hosts("*", "127.0.0.1") is None
     assert is_loopback("::1") and not is_loopback("10.0.0.1")
     assert ServeConfig(index="x", allowed_hosts=["A.com"]).allowed_hosts == ("a.com",)
+    shipped = json.loads(json.dumps(ServeConfig(index="x", allowed_hosts=("a.com",)).to_dict()))
+    assert ServeConfig.from_dict(shipped).allowed_hosts == ("a.com",)  # as Ray Serve ships it
 
 
 # -- the decode cap ---------------------------------------------------------------------------

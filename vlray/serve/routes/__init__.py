@@ -1,0 +1,1 @@
+"""The service's routers: ``/api/search/*``, ``/api/{info,item,masks,thumbnail}``, operations."""
