@@ -17,7 +17,6 @@ from vlray.families import Checkpoint, CheckpointError, family_for, resolve_chec
 from vlray.families.fingerprint import fingerprint_difference, weights_fingerprint
 from vlray.index import SearchIndex
 from vlray.ops.decode import DecodeError, decode_image
-from vlray.ops.resize import resize_uint8
 from vlray.storage import list_files, locate, read_bytes, resolved_endpoint, scrub
 
 logger = logging.getLogger(__name__)
@@ -203,8 +202,7 @@ class Searcher:
             pixels = decode_image(data, max_pixels=200_000_000)
         except DecodeError as exc:
             raise QueryError(f"{uri}: {exc}") from None
-        size = family.target_size(pixels.shape[0], pixels.shape[1])
-        resized = resize_uint8(pixels, size, family.interpolation)
+        resized = family.fit(pixels)  # resize, and crop where the family crops
         if self._image_encoder is None:
             self._image_encoder = family.load_encoder(torch.device("cpu"), torch.float32)
         inputs = family.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None])

@@ -25,7 +25,6 @@ import torch
 from vlray.index.build import MANIFEST_FILE
 from vlray.index.search import IdLookup
 from vlray.ops.decode import decode_image
-from vlray.ops.resize import resize_uint8
 from vlray.query import QueryError, Searcher
 from vlray.schema import thumbnail_name
 from vlray.serve.masks import MaskLookup
@@ -148,8 +147,7 @@ class Models:
         """
         family = self.family
         pixels = decode_image(data, max_pixels=max_pixels)
-        size = family.target_size(pixels.shape[0], pixels.shape[1])
-        resized = resize_uint8(pixels, size, family.interpolation)
+        resized = family.fit(pixels)  # resize, and crop where the family crops
         inputs = family.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None])
         with self._image_lock:
             if self._image is None:
