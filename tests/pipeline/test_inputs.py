@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlray.config import InputConfig, S3Config
+from vlray.pipeline.files import ReadStage
 from vlray.pipeline.sources import (
     InputError,
+    ReadTask,
     group_ranges,
     plan_input,
     read_task_rows,
@@ -23,12 +26,17 @@ from vlray.pipeline.state import hash_ids
 from vlray.storage import Location, TooLarge, fetch_bytes, locate
 
 
+def _as_ray_row(task: ReadTask) -> dict:
+    """A task as Ray's item table hands it to the read stage: sequences as NumPy arrays."""
+    return {k: np.array(v) if isinstance(v, tuple) else v for k, v in asdict(task).items()}
+
+
 def _rows(config: InputConfig, done: np.ndarray | None = None) -> tuple[list[dict], object]:
+    """Plans ``config`` and runs its read tasks through the read stage; (rows, plan)."""
     plan = plan_input(config, done=done)
-    rows = [
-        r for t in plan.tasks for b in read_task_rows(t, plan.root, config) for r in b.to_pylist()
-    ]
-    return rows, plan
+    stage = ReadStage(plan.root, config)
+    tables = [t for task in plan.tasks for t in stage({"task": [_as_ray_row(task)]})]
+    return [r for t in tables for r in t.to_pylist()], plan
 
 
 def _table(n: int, start: int = 0) -> pa.Table:
@@ -79,8 +87,9 @@ def test_a_corrupt_row_group_is_read_error_rows_for_exactly_its_rows(tmp_path):
     assert bad == {f"r{i}" for i in range(10, 20)}
     assert all(r["stage"] == "read" and "row group 1" in r["error"] for r in rows if r["error"])
     # rows done by an earlier run are left out of the error rows too
-    rows, plan = _rows(config, done=np.unique(hash_ids(["r12", "r3"])))
-    assert len(rows) == plan.rows == 28 and {"r12", "r3"}.isdisjoint(r["id"] for r in rows)
+    done = ["r12", "r13", "r3"]
+    rows, plan = _rows(config, done=np.unique(hash_ids(done)))
+    assert len(rows) == plan.rows == 27 and set(done).isdisjoint(r["id"] for r in rows)
 
 
 def test_a_row_group_whose_ids_cannot_be_read_gets_the_derived_ids(tmp_path):
@@ -369,3 +378,43 @@ def test_a_glob_counts_only_what_it_matches(tmp_path):
     rows, plan = _rows(InputConfig(uri=str(tmp_path / "*.parquet")))
     assert sorted(r["id"] for r in rows) == [f"r{i}" for i in range(5)]
     assert plan.skipped_files == {"hidden": 1}
+
+
+def test_an_image_format_vlray_does_not_decode_is_named_in_its_error_row():
+    import io
+
+    from PIL import Image
+
+    from vlray.ops.decode import DecodeError, decode_image
+
+    ppm = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(ppm, "PPM")
+    with pytest.raises(DecodeError, match="unsupported image format .looks like PPM"):
+        decode_image(ppm.getvalue(), max_pixels=100)
+
+
+def test_s3_inputs_list_plan_and_fetch_under_the_same_rules(s3_env):
+    bucket, fs = s3_env.bucket, s3_env.fs
+    base = f"{bucket}/inputs-rules"
+    sink = pa.BufferOutputStream()
+    paths = ["img/a.jpg", "../../elsewhere/b.jpg", "/etc/passwd"]
+    pq.write_table(pa.table({"image": pa.array(paths, pa.string_view())}), sink)
+    fs.pipe(f"{base}/data/p.parquet", sink.getvalue().to_pybytes())
+    fs.pipe(f"{base}/data/junk.parquet", b"not Parquet")
+    fs.pipe(f"{base}/data/.hidden/x.parquet", b"hidden")
+    fs.pipe(f"{base}/data/img/a.jpg", b"x" * 100)
+    config = InputConfig(uri=f"s3://{base}/data")
+    plan = plan_input(config, s3_env.s3)
+    rows = [
+        r for t in plan.tasks for b in read_task_rows(t, plan.root, config) for r in b.to_pylist()
+    ]
+    assert rows[0]["uri"] == f"s3://{base}/data/img/a.jpg" and not rows[0]["error"]
+    assert "leaves the dataset folder" in rows[1]["error"]
+    assert "s3:// dataset" in rows[2]["error"]
+    assert len(plan.unreadable) == 1 and plan.skipped_files == {
+        "hidden": 1,
+        "images_beside_parquet": 1,
+    }
+    with pytest.raises(TooLarge):
+        fetch_bytes(rows[0]["uri"], s3_env.s3, max_bytes=99)
+    assert fetch_bytes(rows[0]["uri"], s3_env.s3, max_bytes=100) == b"x" * 100

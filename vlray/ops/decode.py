@@ -64,6 +64,12 @@ def _one_line(text: str) -> str:
 def _wrap(exc: BaseException, fmt: str | None) -> DecodeError:
     """Turn an arbitrary decoder exception into a one-line DecodeError."""
     if isinstance(exc, UnidentifiedImageError):
+        other = _other_format(exc)
+        if other:
+            return DecodeError(
+                f"unsupported image format (looks like {other}; vlray decodes JPEG, PNG, WebP, "
+                "BMP, GIF and TIFF)"
+            )
         return DecodeError("not an image (unrecognised format)")
     if isinstance(exc, Image.DecompressionBombError):
         return DecodeError(_one_line(f"decompression bomb: {exc}"))
@@ -130,7 +136,31 @@ def _open(data: bytes) -> Image.Image:
             return factory(fp, "")
         except (SyntaxError, IndexError, TypeError, struct.error):
             continue
-    raise UnidentifiedImageError("cannot identify image file")
+    raise UnidentifiedImageError(f"cannot identify image file{_OTHER}{_sniff(prefix)}")
+
+
+_OTHER = "; format: "
+
+
+def _sniff(prefix: bytes) -> str:
+    """The Pillow format (outside ``_FORMATS``) whose signature ``prefix`` carries, or ''.
+
+    Only the plugins' signature checks run (no header is parsed), to name the format in the
+    error of a file vlray does not decode (PPM, ICO, JPEG 2000...)."""
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt in _FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix) is True:
+                return fmt
+        except Exception:  # a signature check that cannot handle this prefix
+            continue
+    return ""
+
+
+def _other_format(exc: UnidentifiedImageError) -> str:
+    text = str(exc)
+    return text.split(_OTHER, 1)[1] if _OTHER in text else ""
 
 
 def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:

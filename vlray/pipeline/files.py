@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlray.config import InputConfig
-from vlray.pipeline.sources import ReadTask, read_task_rows
+from vlray.pipeline.sources import read_task_rows, task_from_row
 from vlray.schema import (
     ERRORS_SCHEMA,
     MASKS_SCHEMA,
@@ -55,7 +55,7 @@ class ReadStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Any:
         for task in batch["task"]:
-            task = task if isinstance(task, ReadTask) else ReadTask(**task)
+            task = task_from_row(task)
             yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
 
 

@@ -91,6 +91,15 @@ class ReadTask:
     """Why the planner could not read this row group's ids: every row is an error row."""
 
 
+def task_from_row(row: dict[str, Any] | ReadTask) -> ReadTask:
+    """A ``ReadTask`` back from a row of Ray's item table (sequences arrive as NumPy arrays)."""
+    if isinstance(row, ReadTask):
+        return row
+    return ReadTask(
+        **{k: tuple(v.tolist()) if isinstance(v, np.ndarray) else v for k, v in row.items()}
+    )
+
+
 @dataclass
 class InputPlan:
     """Where the input is and the tasks that read it."""
@@ -704,7 +713,7 @@ def _parquet_rows(
 
 
 def _skip_done(table: pa.Table, task: ReadTask, row: int) -> pa.Table:
-    if not task.skip_rows:
+    if not len(task.skip_rows):
         return table
     skip = set(task.skip_rows)
     return table.filter(pa.array([(row + i) not in skip for i in range(table.num_rows)]))
