@@ -243,11 +243,14 @@ def test_image_folder_input(siglip_checkpoint, ray_local, tmp_path):
         target.write_bytes(blob)
     (root / "nested" / "deeper" / "broken.png").write_bytes(bad_images()["corrupt.png"])
     (root / "notes.txt").write_text("not an image, not listed")
+    (root / ".hidden.jpg").write_bytes(photos[0][1])
+    (root / "_DSC0001.JPE").write_bytes(photos[1][1])  # cameras' names, Pillow's extensions
     out = tmp_path / "out"
     summary = run_job(_config(root, out, siglip_checkpoint))
-    assert summary["rows_in"] == 7 and summary["embedded"] == 6 and summary["errors"] == 1
+    assert summary["rows_in"] == 8 and summary["embedded"] == 7 and summary["errors"] == 1
+    assert summary["skipped"] == {"hidden": 1, "unsupported_extension": 1}
     ids = set(_read(out / "embeddings").column("id").to_pylist())
-    assert "nested/photo_0001.jpg" in ids and "photo_0000.jpg" in ids
+    assert {"nested/photo_0001.jpg", "photo_0000.jpg", "_DSC0001.JPE"} <= ids
     assert _read(out / "errors").column("id").to_pylist() == ["nested/deeper/broken.png"]
     assert summary["family"] == "siglip"
     first = sorted(ids)[0]
@@ -270,11 +273,16 @@ def test_struct_and_path_columns_and_derived_ids(siglip2_checkpoint, ray_local, 
         pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
     )
     pq.write_table(pa.table({"image": struct}), tmp_path / "data" / "struct.parquet")
-    paths = pa.array([f"imgs/{photos[2][0]}", str(tmp_path / "data" / "imgs" / photos[3][0])])
+    paths = pa.array(
+        [f"imgs/{photos[2][0]}", str(tmp_path / "data" / "imgs" / photos[3][0]), "../secret.jpg"]
+    )
     pq.write_table(pa.table({"image": paths}), tmp_path / "data" / "paths.parquet")
+    (tmp_path / "secret.jpg").write_bytes(photos[0][1])  # outside the dataset folder
+    (tmp_path / "data" / "junk.parquet").write_bytes(b"not Parquet")  # left out, reported
     out = tmp_path / "out"
     summary = run_job(_config(tmp_path / "data" / "*.parquet", out, siglip2_checkpoint))
-    assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (6, 4, 2)
+    assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (7, 4, 3)
+    assert len(summary["input_errors"]) == 1 and "junk.parquet" in summary["input_errors"][0]
     ids = sorted(_read(out / "embeddings").column("id").to_pylist())
     assert ids == ["paths.parquet:0", "paths.parquet:1", "struct.parquet:0", "struct.parquet:1"]
     errors = {r["id"]: r for r in _read(out / "errors").to_pylist()}
@@ -283,6 +291,7 @@ def test_struct_and_path_columns_and_derived_ids(siglip2_checkpoint, ray_local, 
         and "missing" in errors["struct.parquet:2"]["error"]
     )
     assert errors["struct.parquet:3"]["error"] == "null image cell"
+    assert "leaves the dataset folder" in errors["paths.parquet:2"]["error"]
 
 
 def test_cli_embed_and_query_json(siglip2_checkpoint, ray_local, tmp_path, capsys):
