@@ -133,16 +133,27 @@ def embed_main(argv: list[str] | None = None) -> int:
     from vlray.families import CheckpointError
     from vlray.pipeline.sources import InputError
     from vlray.pipeline.state import OutputLocked, RunFailed
+    from vlray.pipeline.stop import RunStopped, StopRequested, StopSignals
+    from vlray.storage import StorageError
 
     try:
-        config = embed_config(argv)
-        if config.demo:
-            print(
-                f"vlray demo: {config.input.uri} with a tiny RANDOM-weight SigLIP2 model (offline)"
-            )
-        from vlray.pipeline.job import run_job
+        with StopSignals():  # before Ray starts; run_job puts them back after ray.init
+            config = embed_config(argv)
+            if config.demo:
+                print(
+                    f"vlray demo: {config.input.uri} with a tiny RANDOM-weight SigLIP2 model "
+                    "(offline)"
+                )
+            from vlray.pipeline.job import run_job
 
-        summary = run_job(config)
+            summary = run_job(config)
+    except StopRequested as stop:  # before the run began
+        exc = RunStopped(stop.signum, 0)
+        print(exc, file=sys.stderr)
+        return exc.exit_code
+    except RunStopped as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except RunFailed as exc:
         if exc.summary:
             print_summary(exc.summary, config)
@@ -151,7 +162,7 @@ def embed_main(argv: list[str] | None = None) -> int:
     except OutputLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, CheckpointError, InputError) as exc:
+    except (ConfigError, CheckpointError, InputError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_summary(summary, config)

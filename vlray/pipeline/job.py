@@ -20,7 +20,8 @@ from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
-from vlray.pipeline.state import RunFailed, RunLock
+from vlray.pipeline.state import LockLost, RunFailed, RunLock
+from vlray.pipeline.stop import RunStopped, StopRequested, StopSignals, hold_stops, signal_name
 from vlray.schema import STAGES
 from vlray.storage import (
     Location,
@@ -34,19 +35,21 @@ from vlray.storage import (
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(config: JobConfig) -> None:
-    """Connects to ``RAY_ADDRESS`` when set, else starts a local Ray for this run."""
+def ensure_ray(config: JobConfig) -> bool:
+    """Connects to ``RAY_ADDRESS`` when set, else starts a local Ray for this run. True when
+    this call did (False: Ray was already initialized by the caller)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-        return
+        return True
     kwargs: dict[str, Any] = {"include_dashboard": False}
     if config.compute.num_cpus:
         kwargs["num_cpus"] = config.compute.num_cpus
     ray.init(**kwargs)
+    return True
 
 
 def build_dataset(
@@ -308,9 +311,10 @@ def build_output_index(
         )
     if not index_loc.is_local:
         # manifest last: a reader that sees the new manifest sees the new files
-        for name in ("index.faiss", "ids.parquet", "manifest.json"):
-            with open(os.path.join(staging, name), "rb") as f:
-                write_bytes_atomic(index_loc.join(name), f.read())
+        with hold_stops():
+            for name in ("index.faiss", "ids.parquet", "manifest.json"):
+                with open(os.path.join(staging, name), "rb") as f:
+                    write_bytes_atomic(index_loc.join(name), f.read())
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
     return {**result, "mode": mode}
@@ -476,18 +480,82 @@ def _check_storage(config: JobConfig) -> None:
                 raise InputError(str(exc)) from None
 
 
+class _Stopping:
+    """Inside the run lock: turns a stop signal into RunStopped after shutting down the Ray this
+    run started, counting what its writers committed and writing a short ``_summary.json``;
+    on a lost lock shuts Ray down and writes nothing."""
+
+    def __init__(self, output: Location, folders: tuple[str, ...]) -> None:
+        self.output, self.folders = output, folders
+        self.ray_started = False
+        self.before: set[str] = set()
+
+    def _files(self) -> set[str]:
+        return {p for f in self.folders for p in list_files(self.output.join(f), (".parquet",))}
+
+    def __enter__(self) -> _Stopping:
+        self.before = self._files()
+        return self
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: object) -> None:
+        if not isinstance(exc, (StopRequested, LockLost)):
+            return
+        if self.ray_started:
+            import ray
+
+            ray.shutdown()
+        if isinstance(exc, StopRequested):
+            with hold_stops():
+                rows = self._committed()
+                stopped = RunStopped(exc.signum, rows)
+                self._write_summary(stopped)
+            raise stopped from None
+
+    def _committed(self) -> int:
+        total = 0
+        for path in sorted(self._files() - self.before):
+            with self.output.fs.open_input_file(path) as f:
+                total += pq.ParquetFile(f).metadata.num_rows
+        return total
+
+    def _write_summary(self, stopped: RunStopped) -> None:
+        summary = {
+            "failed": str(stopped),
+            "stopped": signal_name(stopped.signum),
+            "rows_committed": stopped.rows,
+            "accounted": False,
+            "output": self.output.uri,
+        }
+        write_bytes_atomic(
+            self.output.join("_summary.json"), json.dumps(summary, indent=2).encode()
+        )
+
+
 def run_job(config: JobConfig) -> dict[str, Any]:
     """Runs the whole job and returns the summary (also written to ``_summary.json``).
 
     Incremental: rows whose id is already in ``embeddings/`` (or ``errors/``, unless
     ``retry_errors``) are left out; the index is then brought up to date with all rows.
+    SIGINT / SIGTERM stop it cleanly (in the main thread): committed work stays, the lock is
+    released.
 
     Raises:
         OutputLocked: another run is using the same output.
+        LockLost: another run took the output over while this one ran.
+        RunFailed: the run ended without doing all its work (see its summary).
+        RunStopped: stopped by a signal.
     """
+    with StopSignals() as stops:
+        try:
+            return _run_job(config, stops)
+        except StopRequested as stop:  # before the output was touched
+            raise RunStopped(stop.signum, 0) from None
+
+
+def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
     import ray
 
-    from vlray.pipeline.state import RunLock, done_ids, remove_stale_temp_files
+    from vlray.pipeline.state import done_ids, remove_stale_temp_files
 
     started = time.time()
     _check_storage(config)
@@ -505,7 +573,8 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     dim = family.embedding_dim if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)
-    with RunLock(output):
+    lock = RunLock(output, config.s3, on_lost=stops.interrupt)
+    with lock, _Stopping(output, (done_folder, "errors")) as stopping:
         removed = remove_stale_temp_files(output)
         if removed:
             logger.warning("removed %d partial files left by an interrupted run", removed)
@@ -525,7 +594,9 @@ def run_job(config: JobConfig) -> dict[str, Any]:
         failure = ""
         stages = None
         if plan.tasks:
+            stopping.ray_started = not ray.is_initialized()  # set first: a stop may cut ray.init
             ensure_ray(config)
+            stops.install()  # again: ray.init sets its own SIGTERM handler
             models = (checkpoint is not None) + (sam_checkpoint is not None)
             model_bytes = checkpoint.vision_bytes() if checkpoint else 0
             stages = plan_resources(
@@ -549,11 +620,14 @@ def run_job(config: JobConfig) -> dict[str, Any]:
                     ]
                 )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
-            totals, new_files, failure = drive(ds, config.output)
+            totals, new_files, failure = drive(ds, config.output, lock)
         job_seconds = time.time() - started
-        retried = (
-            _drop_retried_errors(output, old_error_files, new_files) if config.retry_errors else 0
-        )
+        with hold_stops():  # rewrites several errors/ files: not cut halfway
+            retried = (
+                _drop_retried_errors(output, old_error_files, new_files)
+                if config.retry_errors
+                else 0
+            )
         embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
         segmented = int(totals.get("segmented", 0))
         undone = int(totals.get("undone", 0))
