@@ -356,15 +356,17 @@ class RunLock:
         self,
         output: Location,
         s3: S3Config | None = None,
-        stale_seconds: float = LOCK_STALE_SECONDS,
-        heartbeat_seconds: float = HEARTBEAT_SECONDS,
+        stale_seconds: float | None = None,
+        heartbeat_seconds: float | None = None,
         on_lost: Callable[[LockLost], None] | None = None,
         store: LocalLockStore | S3LockStore | None = None,
     ) -> None:
         self.uri = output.join(LOCK_NAME).uri
         self.store = store or lock_store(output, s3)
-        self.stale_seconds = stale_seconds
-        self.heartbeat_seconds = heartbeat_seconds
+        self.stale_seconds = LOCK_STALE_SECONDS if stale_seconds is None else stale_seconds
+        self.heartbeat_seconds = (
+            HEARTBEAT_SECONDS if heartbeat_seconds is None else heartbeat_seconds
+        )
         self.on_lost = on_lost
         self.token = uuid.uuid4().hex
         self.version: str | None = None

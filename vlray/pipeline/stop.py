@@ -64,17 +64,20 @@ class StopSignals:
         self._stopping = False
         self._held = 0
         self._deferred: int | None = None
+        self._outer: StopSignals | None = None
         self.active = False
 
     def __enter__(self) -> StopSignals:
         global _current
         self.install()
-        _current = self
+        if self.active:  # the main thread's run: the one signals reach
+            self._outer, _current = _current, self
         return self
 
     def __exit__(self, *exc: object) -> None:
         global _current
-        _current = None
+        if _current is self:
+            _current = self._outer
         self.restore()
 
     def install(self) -> None:
