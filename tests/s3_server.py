@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 SLOW_DOWN = (
@@ -106,7 +107,9 @@ class FaultProxy:
     Every ``fail_every``-th request gets a 503 SlowDown, every ``drop_every``-th has its
     connection closed without an answer, and requests whose path contains one of ``deny``
     get a 403 AccessDenied. The first ``fail_first`` requests get a 503, then the first
-    ``grace`` requests pass untouched.
+    ``grace`` requests pass untouched. An outage: once ``outage_after`` requests whose path
+    contains ``outage_path`` have passed, every such request has its connection dropped for
+    ``outage_s`` seconds (a source that goes away for a while, then comes back).
     """
 
     def __init__(
@@ -117,6 +120,9 @@ class FaultProxy:
         deny: tuple[str, ...] = (),
         grace: int = 0,
         fail_first: int = 0,
+        outage_path: str = "",
+        outage_after: int = 0,
+        outage_s: float = 0.0,
     ) -> None:
         self.upstream_port = upstream_port
         self.fail_every, self.drop_every, self.deny, self.grace = (
@@ -126,6 +132,9 @@ class FaultProxy:
             grace,
         )
         self.fail_first = fail_first
+        self.outage_path, self.outage_after, self.outage_s = outage_path, outage_after, outage_s
+        self.outage_seen = 0
+        self.outage_until: float | None = None
         self.requests = self.failed = self.dropped = self.denied = 0
         self.log: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -145,6 +154,9 @@ class FaultProxy:
             if any(d in path for d in self.deny):
                 self.denied += 1
                 return n, "403"
+            if self._in_outage(path):
+                self.dropped += 1
+                return n, "drop"
             if n <= self.fail_first:
                 self.failed += 1
                 return n, "503"
@@ -157,6 +169,14 @@ class FaultProxy:
                 self.failed += 1
                 return n, "503"
             return n, "pass"
+
+    def _in_outage(self, path: str) -> bool:
+        if not self.outage_path or self.outage_path not in path:
+            return False
+        self.outage_seen += 1
+        if self.outage_until is None and self.outage_seen > self.outage_after:
+            self.outage_until = time.monotonic() + self.outage_s
+        return self.outage_until is not None and time.monotonic() < self.outage_until
 
     def start(self) -> FaultProxy:
         self._thread.start()
