@@ -333,3 +333,40 @@ def test_decode_draft_keeps_full_size_and_covers_the_target() -> None:
     assert pixels.shape[:2] == size
     with pytest.raises(DecodeError):
         decode_draft(BAD[sorted(BAD)[0]], max_pixels=BAD_LIMIT, needed=lambda h, w: (h, w))
+
+
+def _tiff(arr: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_float_pixels_by_their_real_range() -> None:
+    ramp = np.linspace(0.0, 1.0, 64, dtype=np.float32)[None, :].repeat(4, 0)
+    arr = decode_image(_tiff(ramp, "F"), max_pixels=MAX_PIXELS)  # normalised: x 255
+    np.testing.assert_array_equal(arr[0, :, 0], np.rint(ramp[0] * 255).astype(np.uint8))
+    assert (arr[..., 0] == arr[..., 2]).all()
+    # PIL's convert("RGB") would make this image black (0-1 clipped to 0 or 1)
+    assert int(np.asarray(Image.fromarray(ramp, "F").convert("RGB")).max()) <= 1
+    wide = np.linspace(0.0, 255.0, 64, dtype=np.float32)[None, :].repeat(4, 0)
+    np.testing.assert_array_equal(
+        decode_image(_tiff(wide, "F"), max_pixels=MAX_PIXELS)[0, :, 0],
+        np.rint(wide[0]).astype(np.uint8),
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "mode", "message"),
+    [
+        (np.linspace(-1.0, 1.0, 32, dtype=np.float32), "F", "floats in -1..1"),
+        (np.linspace(0.0, 4000.0, 32, dtype=np.float32), "F", "floats in 0..4000"),
+        (np.array([0.5, np.nan] * 16, dtype=np.float32), "F", "NaN"),
+        (np.linspace(-500, 500, 32).astype(np.int32), "I", "32-bit integers in -500..500"),
+        (np.linspace(0, 1 << 20, 32).astype(np.int32), "I", "integers in 0..1048576"),
+    ],
+)
+def test_pixel_values_with_no_known_scale_are_refused(values, mode, message) -> None:
+    data = _tiff(values[None, :].repeat(4, 0), mode)
+    with pytest.raises(DecodeError, match="unsupported pixel values") as err:
+        decode_image(data, max_pixels=MAX_PIXELS)
+    assert message in str(err.value) and "\n" not in str(err.value)

@@ -26,9 +26,10 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
 # opens multi-picture JPEGs (format "MPO") written by many phone cameras.
 _FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
-# Modes holding more than 8 bits per sample that PIL's convert("RGB") clips (values
-# above 255 all become white) instead of scaling.
-_WIDE_INT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I"})
+# Modes holding more than 8 bits per sample (integers, and "F": 32-bit floats) that PIL's
+# convert("RGB") clips (values above 255 all become white, 0-1 floats black) instead of
+# scaling: decoded by their real range, or refused.
+_WIDE_INT_MODES: frozenset[str] = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
 
 _ORIENTATION_TAG = ExifTags.Base.Orientation
 _TRANSPOSE: dict[int, Image.Transpose] = {
@@ -214,17 +215,43 @@ def _header(img: Image.Image, max_pixels: int) -> tuple[int, int, int]:
 
 
 def _wide_int_to_l(img: Image.Image) -> Image.Image:
-    """Scale a 16/32-bit integer grayscale image to 8-bit mode "L"."""
+    """Scale a 16/32-bit integer grayscale image to 8-bit mode "L" by its real range.
+
+    16-bit modes: ``value >> 8``. Mode "I" (int32) may hold 8-bit or 16-bit data (older PIL
+    opened 16-bit PNGs as "I"): shifted only when values exceed 8 bits. Values outside 0-65535
+    (signed or 32-bit TIFFs) have no known scale: refused rather than clipped.
+    """
     arr = np.asarray(img)
     if img.mode == "I":
-        # Mode "I" is int32 and may hold 8-bit or 16-bit data (older PIL opened
-        # 16-bit PNGs as "I"); only shift when values actually exceed 8 bits.
-        arr = np.clip(arr, 0, 65535)
-        if arr.size and int(arr.max()) > 255:
+        low, high = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if low < 0 or high > 65535:
+            raise DecodeError(
+                f"unsupported pixel values: 32-bit integers in {low}..{high} (no known scale)"
+            )
+        if high > 255:
             arr = arr >> 8
     else:
         arr = arr.astype(np.uint16, copy=False) >> 8
     return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="L")
+
+
+def _float_to_l(img: Image.Image) -> Image.Image:
+    """A floating-point grayscale image (mode "F", e.g. 32-bit float TIFF) as 8-bit "L" by
+    its real range: 0-1 (normalised) scaled by 255, 0-255 kept (as ``convert`` does); any
+    other range, or NaN / infinity, is refused rather than clipped to black or white."""
+    arr = np.asarray(img, dtype=np.float32)
+    if not arr.size:
+        return img.convert("L")
+    if not np.isfinite(arr).all():
+        raise DecodeError("unsupported pixel values: floating-point NaN or infinity")
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0 or high > 255:
+        raise DecodeError(
+            f"unsupported pixel values: floats in {low:g}..{high:g} (expected 0-1 or 0-255)"
+        )
+    if high <= 1.0:
+        arr = arr * 255.0
+    return Image.fromarray(np.ascontiguousarray(np.rint(arr), dtype=np.uint8), mode="L")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -233,7 +260,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         mask = None
         if isinstance(transparency, int):
             mask = np.asarray(img) == transparency
-        rgb = _wide_int_to_l(img).convert("RGB")
+        rgb = (_float_to_l if img.mode == "F" else _wide_int_to_l)(img).convert("RGB")
         if mask is not None and mask.any():
             arr = np.array(rgb)
             arr[mask] = 255  # transparent over white, like convert_to_rgb
@@ -441,13 +468,15 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
     read from the header so the result always matches :func:`probe_image`), then RGB conversion with the semantics of
     ``transformers.image_transforms.convert_to_rgb``: images with an alpha band or a
     ``transparency`` entry are composited over opaque white, everything else
-    (L, 1, P, CMYK, YCbCr, F, ...) goes through ``convert("RGB")``.
+    (L, 1, P, CMYK, YCbCr, ...) goes through ``convert("RGB")``.
 
     One deliberate difference: 16-bit (and int32) grayscale images, modes ``"I;16*"``
     and ``"I"`` as produced by 16-bit PNG/TIFF, are first scaled to 8 bits
     (``value >> 8``; for mode ``"I"`` only when the maximum exceeds 255), because
     PIL's ``convert("RGB")`` clips such values to 255, turning most of the image white.
-    A ``transparency`` key colour on such images is still composited to white.
+    A ``transparency`` key colour on such images is still composited to white. Likewise
+    32-bit float images (mode ``"F"``) in 0-1 are scaled by 255; pixel values with no known
+    scale (negative or over 65535 integers, floats outside 0-255, NaN) are refused.
 
     Args:
         data: Encoded image bytes (JPEG, PNG, WebP, BMP, GIF or TIFF).
