@@ -1,5 +1,7 @@
-"""The wheel: it holds every module, preset and architecture config, and an install of it (not
-the source tree) finds them: presets, configs/arch/, the demo config and checkpoint, a model."""
+"""The wheel: it holds every module, preset and architecture config, and an install of it into a
+fresh virtual environment (not the source tree) finds them (presets, configs/arch/, the demo
+config and checkpoint, a model) and runs the README's demo and a query through its console
+scripts."""
 
 from __future__ import annotations
 
@@ -116,27 +118,46 @@ def test_wheel_holds_every_file(wheel: Path) -> None:
     assert "vlray/configs/arch/siglip2-base-patch16-naflex/config.json" in names
 
 
-def test_installed_wheel(wheel: Path, tmp_path: Path) -> None:
-    site = tmp_path / "site"
+def _fresh_venv(root: Path) -> Path:
+    """A new virtual environment (no pip, no project on its path) whose only view of the
+    dependencies is this environment's site-packages, read through a .pth file: what the wheel
+    brings is all it has of vlray."""
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (site,) = venv.glob("lib/python*/site-packages")
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (site / "_deps.pth").write_text("\n".join(deps) + "\n")
+    return venv
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, Path]:
+    """(fresh venv with the wheel installed, environment to run it in, a folder without
+    configs/ to run from)."""
+    root = tmp_path_factory.mktemp("installed")
+    venv = _fresh_venv(root)
+    python = venv / "bin" / "python"
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q"]
-        + ["--target", str(site), str(wheel)],
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps"]
+        + ["--no-index", "-q", str(wheel)],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert install.returncode == 0, install.stdout + install.stderr
-    elsewhere = tmp_path / "elsewhere"
+    elsewhere = root / "elsewhere"
     elsewhere.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(site),
-        "VLRAY_HOME": str(tmp_path / "home"),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-    }
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RAY_ADDRESS")}
+    env.update(VLRAY_HOME=str(root / "home"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"  # Ray's workers use it
+    return venv, env, elsewhere
+
+
+def test_installed_wheel(installed: tuple[Path, dict, Path]) -> None:
+    venv, env, elsewhere = installed
+    (site,) = venv.glob("lib/python*/site-packages")
     run = subprocess.run(
-        [sys.executable, "-c", _CHECK, str(site)],
+        [str(venv / "bin" / "python"), "-c", _CHECK, str(site)],
         cwd=elsewhere,
         env=env,
         capture_output=True,
@@ -147,3 +168,32 @@ def test_installed_wheel(wheel: Path, tmp_path: Path) -> None:
     found = json.loads(run.stdout.strip().splitlines()[-1])
     assert found["archs"] == sorted(p.name for p in (REPO / "configs" / "arch").iterdir())
     assert found["presets"] == sorted(p.stem for p in (REPO / "configs").glob("*.yaml"))
+
+
+def test_the_demo_runs_from_the_wheel_in_a_fresh_venv(installed: tuple[Path, dict, Path]) -> None:
+    venv, env, elsewhere = installed
+    # the README's demo, as the console script the wheel installs: its own Ray, no flags
+    run = subprocess.run(
+        [str(venv / "bin" / "vlray-embed")],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = elsewhere / "vlray-demo-output"
+    summary = json.loads((out / "_summary.json").read_text())
+    assert summary["accounted"] and summary["embedded"] == summary["rows_in"] > 0, summary
+    query = subprocess.run(
+        [str(venv / "bin" / "vlray-query"), "--index", str(out / "index"), "--text", "a cat"]
+        + ["-k", "3", "--json"],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert query.returncode == 0, query.stdout[-2000:] + query.stderr[-3000:]
+    hits = json.loads(query.stdout)
+    assert len(hits) == 3 and all(isinstance(h["score"], float) for h in hits)
