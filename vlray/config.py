@@ -81,6 +81,12 @@ class InputConfig:
     allow_outside_root: bool = False
     """Let relative paths in an image column leave the dataset's folder (``../``), and paths of
     an ``s3://`` dataset name local files; off, such cells are error rows."""
+    keep_columns: tuple[str, ...] | None = None
+    """Input columns copied into ``embeddings/`` beside each embedding, typed as in the input,
+    and returned with query hits (``metadata``). Parquet: column names. WebDataset: ``caption``
+    (the sample's ``.txt``) and fields of its ``.json`` object. Unset: a WebDataset's caption
+    when its samples have ``.txt`` members, nothing otherwise; ``[]``: nothing. On the command
+    line: ``--set input.keep_columns=caption,url``."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +220,12 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
             return None
         return dict(value)
     if origin in (typing.Union, types.UnionType):
-        return value
+        arms = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or len(arms) != 1:
+            return value
+        return _coerce(value, arms[0], where, problems)
+    if origin in (tuple, list):
+        return _names(value, where, problems)
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -238,6 +249,17 @@ def _coerce(value: Any, typ: Any, where: str, problems: list[str]) -> Any:
     if typ is str:
         return "" if value is None else str(value)
     return value
+
+
+def _names(value: Any, where: str, problems: list[str]) -> tuple[str, ...] | None:
+    """A list of names from YAML (a list) or a flag (``a,b`` or ``[a, b]``)."""
+    if isinstance(value, str):
+        text = value.strip()
+        value = yaml.safe_load(text) if text.startswith("[") else text.split(",")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        problems.append(f"{where}: expected a list of names, got {value!r}")
+        return None
+    return tuple(v.strip() for v in value if v.strip())
 
 
 def _build(cls: type, values: Mapping[str, Any], where: str, problems: list[str]) -> Any:

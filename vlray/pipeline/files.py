@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from vlray.config import InputConfig
+from vlray.pipeline.kept import KEPT_COLUMN, from_cells
 from vlray.pipeline.sources import read_task_rows, task_from_row
 from vlray.schema import (
     ERRORS_SCHEMA,
@@ -88,6 +89,28 @@ def masks_table(ids: np.ndarray, masks: np.ndarray) -> pa.Table:
     return pa.table(cols, schema=MASKS_SCHEMA)
 
 
+def embeddings_table(
+    batch: dict[str, np.ndarray], ok: np.ndarray, schema: pa.Schema, dim: int, dtype: str
+) -> pa.Table:
+    """``embeddings/`` rows of the rows selected by ``ok``: id, embedding, width, height, then
+    the kept input columns (``input.keep_columns``) typed as in the input."""
+    emb = np.asarray(batch["embedding"][ok], dtype=np.float16 if dtype == "float16" else np.float32)
+    table = pa.table(
+        {
+            "id": id_array(batch["id"][ok]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+            "width": pa.array(batch["width"][ok], pa.int32()),
+            "height": pa.array(batch["height"][ok], pa.int32()),
+        },
+        schema=schema,
+    )
+    kept = from_cells(list(batch[KEPT_COLUMN][ok])) if KEPT_COLUMN in batch else None
+    if kept is not None:
+        for name, column in zip(kept.column_names, kept.columns, strict=True):
+            table = table.append_column(kept.schema.field(name), column)
+    return table
+
+
 def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.Table:
     """``TOKENS_SCHEMA`` rows for the rows selected by ``ok``."""
     matrices = [np.frombuffer(blob, np.float32) for blob in batch["tokens"][ok]]
@@ -158,19 +181,7 @@ class WriteStage:
                 )
                 write_parquet_atomic(self.output.join("segmented", name), done)
         if n_ok and self.schema is not None:
-            emb = np.asarray(
-                batch["embedding"][ok], dtype=np.float16 if self.dtype == "float16" else np.float32
-            )
-            values = pa.array(emb.reshape(-1))
-            table = pa.table(
-                {
-                    "id": id_array(batch["id"][ok]),
-                    "embedding": pa.FixedSizeListArray.from_arrays(values, self.dim),
-                    "width": pa.array(batch["width"][ok], pa.int32()),
-                    "height": pa.array(batch["height"][ok], pa.int32()),
-                },
-                schema=self.schema,
-            )
+            table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
             write_parquet_atomic(self.output.join("embeddings", name), table)
         if "tokens" in batch and n_ok:
             write_parquet_atomic(

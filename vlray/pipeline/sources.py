@@ -1,9 +1,11 @@
 """Plan the input (driver side, no pixels touched) and read it (inside Ray read tasks).
 
-Input is a Parquet file / folder / glob, or a folder of image files, local or on S3. The plan is a
-list of small read tasks (a range of at most ``input.rows_per_task`` rows of one Parquet row
-group, or a chunk of image paths), so reading is spread over the cluster, never arrives as one
-giant block, and output is committed as the job goes.
+Input is a Parquet file / folder / glob, a folder of image files, or WebDataset tar shards (a
+folder, glob or ``{00000..00099}`` brace pattern; see ``vlray.pipeline.webdataset``), local or on
+S3. The plan is a list of small read tasks (a range of at most ``input.rows_per_task`` rows of
+one Parquet row group, a chunk of image paths, or a byte range of one shard), so reading is
+spread over the cluster, never arrives as one giant block, and output is committed as the job
+goes.
 
 Problems of the input as a whole (a missing column, an image or id column of a type that cannot
 be read, ids that are not UTF-8) are found here from the footers, before Ray starts, and raised as
@@ -32,6 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from vlray.config import InputConfig, S3Config
+from vlray.pipeline.kept import KEPT_COLUMN, RESERVED, empty_cells, to_cells
 from vlray.schema import ROW_SCHEMA, TRANSIENT
 from vlray.storage import Listing, Location, is_transient, locate, scrub, walk_files
 
@@ -89,6 +92,12 @@ class ReadTask:
     """Rows already done by an earlier run: not emitted at all."""
     id_error: str = ""
     """Why the planner could not read this row group's ids: every row is an error row."""
+    byte_start: int = 0
+    """WebDataset: where the task's first sample starts in the shard (its first header)."""
+    byte_stop: int = 0
+    """WebDataset: where the task's bytes end (the next task's first header, or the shard's end)."""
+    kept_schema: bytes = b""
+    """The kept columns (``input.keep_columns``) and their types, as a serialized Arrow schema."""
 
 
 def task_from_row(row: dict[str, Any] | ReadTask) -> ReadTask:
@@ -116,17 +125,45 @@ class InputPlan:
     ``repeated_folder``, ``not_regular``, ``unreadable``, ``unsupported_extension``,
     ``images_beside_parquet``)."""
     unreadable: list[str] = field(default_factory=list)
-    """One line per Parquet file left out because its footer cannot be read."""
+    """One line per Parquet file left out because its footer cannot be read (or per shard
+    whose tar headers cannot be read, or read only up to a point)."""
+    kept: pa.Schema = field(default_factory=lambda: pa.schema([]))
+    """The kept columns and their types in the input (``embeddings/`` gets them too)."""
 
 
 def _has_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def _expand(location: Location) -> tuple[Location, Listing]:
-    """(root folder, listing) for a file, a folder or a glob."""
+def _brace_root(location: Location) -> Location:
+    """The folder above the first ``{`` of a brace pattern."""
+    prefix = location.path[: location.path.rfind("/", 0, location.path.index("{"))]
+    return Location(
+        location.fs, prefix, location.uri[: len(location.uri) - len(location.path)] + prefix
+    )
+
+
+def _expand_braces(location: Location) -> tuple[Location, Listing]:
+    """(root folder, listing) of a brace pattern; shards it names that do not exist are
+    listed as skipped ``missing``."""
     from pyarrow.fs import FileType
 
+    from vlray.pipeline.webdataset import expand_braces
+
+    root = _brace_root(location)
+    paths = list(dict.fromkeys(expand_braces(location.path)))
+    infos = location.fs.get_file_info(paths)
+    found = [i.path for i in infos if i.type == FileType.File]
+    missing = [(i.path, "missing") for i in infos if i.type != FileType.File]
+    return root, Listing(found, missing)
+
+
+def _expand(location: Location) -> tuple[Location, Listing]:
+    """(root folder, listing) for a file, a folder, a glob or a brace pattern."""
+    from pyarrow.fs import FileType
+
+    if "{" in location.path and "}" in location.path:
+        return _expand_braces(location)
     if _has_glob(location.path):
         prefix = location.path
         for i, ch in enumerate(location.path):
@@ -170,17 +207,28 @@ def plan_input(
     reasons = Counter(why for _, why in listing.skipped)
     parquet = [p for p in listing.files if p.lower().endswith(".parquet")]
     images = [p for p in listing.files if posixpath.splitext(p)[1].lower() in FOLDER_EXTENSIONS]
-    if parquet:
+    shards = [p for p in listing.files if p.lower().endswith(".tar")]
+    if shards:  # img2dataset writes a .parquet and a _stats.json beside each shard
+        from vlray.pipeline.webdataset_source import plan_webdataset
+
+        plan = plan_webdataset(root, shards, config, done, reasons)
+        reasons["beside_tar_shards"] += len(listing.files) - len(shards)
+    elif parquet:
         plan = _plan_parquet(root, parquet, config, done)
         reasons["images_beside_parquet"] += len(images)
         reasons["unsupported_extension"] += len(listing.files) - len(parquet) - len(images)
     elif images:
+        if config.keep_columns:
+            raise InputError(
+                f"input.keep_columns {list(config.keep_columns)}: a folder of image files has "
+                "no columns to keep (use Parquet or WebDataset input)"
+            )
         plan = _plan_folder(root, images, config, done)
         reasons["unsupported_extension"] += len(listing.files) - len(images)
     else:
         raise InputError(
-            f"input {config.uri}: no Parquet files or images (.jpg, .png, .webp, .gif, .tif, "
-            ".bmp and the other extensions Pillow opens) found"
+            f"input {config.uri}: no Parquet files, WebDataset .tar shards or images (.jpg, "
+            ".png, .webp, .gif, .tif, .bmp and the other extensions Pillow opens) found"
         )
     plan.skipped_files = {k: v for k, v in sorted(reasons.items()) if v}
     if plan.skipped_files:
@@ -282,6 +330,7 @@ def _plan_parquet(
     plan = InputPlan(root=root, kind="parquet")
     files = _read_footers(root, paths, config, plan)
     has_ids = _check_schemas(files, config)
+    plan.kept = _parquet_kept(files, config)
     skip: dict[int, np.ndarray] = {}
     duplicates: dict[int, np.ndarray] = {}
     if has_ids or (done is not None and len(done)):
@@ -301,7 +350,7 @@ def _plan_parquet(
                     "%d input rows repeat an earlier id; they become error rows",
                     int(dup_mask.sum()),
                 )
-    columns = _read_columns(config, has_ids)
+    columns = _read_columns(config, has_ids) | set(plan.kept.names)
     for i, file in enumerate(files):
         _file_tasks(plan, file, config.rows_per_task, columns, skip.get(i), duplicates.get(i))
     return plan
@@ -358,6 +407,47 @@ def _check_schemas(files: list[_ParquetFile], config: InputConfig) -> bool:
             except InputError as exc:
                 raise InputError(f"{file.rel}: {exc}") from None
     return bool(has_ids)
+
+
+def check_kept_names(names: tuple[str, ...], config: InputConfig) -> None:
+    """Kept columns may not be the image, the id or an output column.
+
+    Raises:
+        InputError: in one line.
+    """
+    for name in names:
+        if name in RESERVED or name in (config.image_column, config.id_column):
+            raise InputError(
+                f"input.keep_columns: {name!r} cannot be kept (it is the image or id column, or "
+                f"a column vlray writes: {', '.join(sorted(RESERVED))})"
+            )
+
+
+def _parquet_kept(files: list[_ParquetFile], config: InputConfig) -> pa.Schema:
+    """The kept columns and their types, the same in every file.
+
+    Raises:
+        InputError: a kept column missing from a file, or typed differently in two files.
+    """
+    names = tuple(config.keep_columns or ())
+    check_kept_names(names, config)
+    fields: dict[str, pa.Field] = {}
+    for file in files:
+        schema = file.meta.schema.to_arrow_schema()
+        for name in names:
+            if name not in schema.names:
+                raise InputError(
+                    f"{file.rel}: no column {name!r} to keep (columns: {', '.join(schema.names)});"
+                    " fix input.keep_columns"
+                )
+            typ = schema.field(name).type
+            if name in fields and fields[name].type != typ:
+                raise InputError(
+                    f"{file.rel}: kept column {name!r} is {typ}, {fields[name].type} in an "
+                    "earlier file; convert the files to one type"
+                )
+            fields[name] = pa.field(name, typ)
+    return pa.schema([fields[n] for n in names])
 
 
 def _file_ids(root: Location, file: _ParquetFile, id_column: str) -> pa.ChunkedArray:
@@ -503,10 +593,23 @@ def _file_tasks(
                         duplicate_rows=_between(duplicates, first, first + count),
                         skip_rows=skipped,
                         id_error=file.bad_groups.get(rg, ""),
+                        kept_schema=serialize_schema(plan.kept),
                     )
                 )
             plan.rows += count - len(skipped)
         offset += group.num_rows
+
+
+def serialize_schema(schema: pa.Schema) -> bytes:
+    """A schema as bytes for a read task (b"" for no columns)."""
+    return schema.serialize().to_pybytes() if len(schema) else b""
+
+
+def kept_schema(task: ReadTask) -> pa.Schema:
+    """The kept columns of a read task (none for b"")."""
+    if not task.kept_schema:
+        return pa.schema([])
+    return pa.ipc.read_schema(pa.py_buffer(task.kept_schema))
 
 
 def _plan_folder(
@@ -629,6 +732,10 @@ def read_task_rows(
     """
     if task.kind == "files":
         yield from _file_rows(task, root, config)
+    elif task.kind == "webdataset":
+        from vlray.pipeline.webdataset_source import webdataset_rows
+
+        yield from webdataset_rows(task, root, config)
     else:
         yield from _parquet_rows(task, root, config, prompt_columns)
 
@@ -643,9 +750,16 @@ def _file_rows(task: ReadTask, root: Location, config: InputConfig) -> Iterator[
 
 
 def _rows(
-    ids: list, sources: list, blobs: list, uris: list, errors: list, stages: list, prompts: list
+    ids: list,
+    sources: list,
+    blobs: list,
+    uris: list,
+    errors: list,
+    stages: list,
+    prompts: list,
+    kept: list[bytes] | None = None,
 ) -> pa.Table:
-    return pa.table(
+    table = pa.table(
         {
             "id": pa.array(ids, pa.string()),
             "source": sources,
@@ -657,6 +771,22 @@ def _rows(
         },
         schema=ROW_SCHEMA,
     )
+    if kept is None:
+        return table
+    return table.append_column(KEPT_COLUMN, pa.array(kept, pa.binary()))
+
+
+def rows_table(
+    ids: list[str],
+    sources: list[str],
+    blobs: list[bytes | None],
+    errors: list[str],
+    stages: list[str],
+    kept: list[bytes] | None = None,
+) -> pa.Table:
+    """``ROW_SCHEMA`` rows of bytes (no URIs, no prompts), plus ``kept`` cells when given."""
+    n = len(ids)
+    return _rows(ids, sources, blobs, [""] * n, errors, stages, [""] * n, kept)
 
 
 def _range_batches(
@@ -669,6 +799,7 @@ def _range_batches(
         names = parquet.schema_arrow.names
         columns = [config.image_column]
         columns += [c for c in (config.id_column, *prompt_columns) if c in names]
+        columns += kept_schema(task).names
         columns = list(dict.fromkeys(columns))
         start, stop, pos = task.group_start, task.group_start + task.num_rows, 0
         for batch in parquet.iter_batches(
@@ -749,6 +880,7 @@ def _batch_rows(
         elif blobs[i] is None and not uris[i] and not errors[i]:
             errors[i], stages[i] = "null image cell", "read"
     source = ("s3://" if root.is_s3 else "") + task.file
+    kept = kept_schema(task)
     return _rows(
         ids,
         [f"{source}#row={row + i}" for i in range(n)],
@@ -757,6 +889,9 @@ def _batch_rows(
         errors,
         stages,
         _prompts_json(batch, prompt_columns, n),
+        to_cells(pa.Table.from_batches([batch]).select(kept.names).cast(kept))
+        if len(kept)
+        else None,
     )
 
 
@@ -789,6 +924,7 @@ def _failed_rows(
         [reason] * n,
         [stage] * n,
         [""] * n,
+        empty_cells(n) if task.kept_schema else None,
     )
     return _skip_done(table, task, row)
 

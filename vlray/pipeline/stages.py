@@ -657,3 +657,4 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
+            **{c: batch.column(c) for c in ("kept",) if c in batch.column_names},

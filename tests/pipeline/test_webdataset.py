@@ -1,0 +1,251 @@
+"""WebDataset input: tar shards planned from their headers, read by byte range, exact rows."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from vlray.config import InputConfig
+from vlray.pipeline.files import ReadStage
+from vlray.pipeline.kept import from_cells
+from vlray.pipeline.sources import InputError, plan_input
+from vlray.pipeline.state import hash_ids
+from vlray.pipeline.webdataset import expand_braces, split_name
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((8, 12, 3), seed % 256, dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shard(path, members: list[tuple[str, bytes]], cut: int = 0) -> None:
+    """A tar of ``members`` in order (PAX headers: unicode names); ``cut`` keeps only the first
+    ``cut`` bytes (a truncated download)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(raw[:cut] if cut else raw)
+
+
+def _sample(key: str, seed: int, caption: str | None = None, meta: dict | None = None) -> list:
+    members = [(f"{key}.jpg", _jpeg(seed))]
+    if caption is not None:
+        members.append((f"{key}.txt", caption.encode()))
+    if meta is not None:
+        members.append((f"{key}.json", json.dumps(meta).encode()))
+    return members
+
+
+def _truncated_at(members: list[tuple[str, bytes]], keep: int) -> int:
+    """Tar bytes that end ``keep`` bytes into the data of the last member."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members[:-1]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        before = tar.offset
+    name = members[-1][0]
+    header = tarfile.TarInfo(name).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    return before + len(header) + keep
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Two shards in nested folders, img2dataset's sidecars beside them; odd keys (a dot after
+    the first, spaces, unicode, a folder inside the tar), a sample without an image, a key the
+    second shard repeats, a key repeated inside a shard, a truncated last member; and a file
+    named .tar that is not a tar."""
+    root = tmp_path_factory.mktemp("wds")
+    first = [
+        *_sample("000000", 0, "a red fox", {"url": "http://x/0", "label": 3, "score": 0.5}),
+        *_sample("a.b", 1, "dots", {"url": "http://x/1", "label": 4, "score": 1.5}),
+        ("sp ace/é ☃.png", _png(2)),
+        ("sp ace/é ☃.txt", "unicode caption ✓".encode()),
+        ("only_text.txt", b"no image here"),
+        *_sample("dup", 3, "first dup"),
+        ("between.jpg", _jpeg(4)),
+        *_sample("dup", 5, "second dup"),
+        ("__meta__", b"not a sample"),
+    ]
+    write_shard(root / "part" / "00000.tar", first)
+    second = [*_sample("000000", 6, "again"), *_sample("last", 7)]  # last.jpg cut short
+    write_shard(root / "part" / "00001.tar", second, cut=_truncated_at(second, 100))
+    (root / "part" / "00000.parquet").write_bytes(b"img2dataset sidecar, not input")
+    (root / "part" / "00000_stats.json").write_text("{}")
+    (root / "part" / "zz-broken.tar").write_bytes(b"this is not a tar file " * 40)
+    return root
+
+
+EXPECTED_IDS = [
+    "000000",
+    "a",
+    "sp ace/é ☃",
+    "only_text",
+    "dup",
+    "between",
+    "dup",
+    "part/00001.tar/000000",
+    "last",
+]
+
+
+def _rows(config: InputConfig, done: np.ndarray | None = None) -> tuple[list[dict], object]:
+    plan = plan_input(config, done=done)
+    stage = ReadStage(plan.root, config)
+    tasks = [
+        {k: np.array(v) if isinstance(v, tuple) else v for k, v in asdict(t).items()}
+        for t in plan.tasks
+    ]
+    tables = [t for task in tasks for t in stage({"task": [task]})]
+    return [r for t in tables for r in t.to_pylist()], plan
+
+
+def test_keys_follow_webdatasets_rule_and_match_the_webdataset_library(shards):
+    wds = pytest.importorskip("webdataset")
+    plan = plan_input(InputConfig(uri=str(shards / "part" / "00000.tar")))
+    ids = [i for t in plan.tasks for i in t.ids]
+    url = str(shards / "part" / "00000.tar")
+    library = [s["__key__"] for s in wds.WebDataset([url], shardshuffle=False)]
+    assert ids == library == EXPECTED_IDS[:7]
+    assert split_name("dir/a.b.JPG") == ("dir/a", "b.jpg")
+    assert split_name("__meta__") is None and split_name("noext") is None
+    assert expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+
+
+def test_every_sample_is_one_row_and_bad_ones_are_error_rows(shards):
+    config = InputConfig(uri=str(shards), rows_per_task=2, rows_per_block=2)
+    rows, plan = _rows(config)
+    assert plan.kind == "webdataset" and plan.rows == len(EXPECTED_IDS) == len(rows)
+    assert [r["id"] for r in rows] == EXPECTED_IDS
+    assert len(plan.tasks) == 5  # 7 samples in tasks of 2, then 2
+    errors = {r["id"]: r["error"] for r in rows if r["error"]}
+    assert set(errors) == {"only_text", "dup", "last"}
+    assert "no image member" in errors["only_text"]
+    size = len(_jpeg(7))
+    assert errors["last"] == f"truncated tar member last.jpg: 100 of {size} bytes in the shard"
+    dups = [r for r in rows if r["id"] == "dup"]
+    assert [d["error"] for d in dups] == ["", "duplicate id: an earlier sample has the same key"]
+    good = {r["id"]: r["data"] for r in rows if not r["error"]}
+    assert good["a"] == _jpeg(1) and good["sp ace/é ☃"] == _png(2)
+    assert good["part/00001.tar/000000"] == _jpeg(6)
+    assert all(r["stage"] == "read" for r in rows if r["error"])
+    assert plan.unreadable == ["part/zz-broken.tar: tar shard not readable at all (invalid header)"]
+    assert plan.skipped_files == {"beside_tar_shards": 2, "tar_member_not_a_sample": 1}
+
+
+def test_the_caption_is_kept_by_default_and_json_fields_when_asked(shards):
+    rows, plan = _rows(InputConfig(uri=str(shards / "part" / "*.tar")))
+    assert plan.kept == pa.schema([("caption", pa.string())])
+    kept = from_cells([r["kept"] for r in rows if not r["error"]]).to_pylist()
+    assert [k["caption"] for k in kept][:3] == ["a red fox", "dots", "unicode caption ✓"]
+    config = InputConfig(
+        uri=str(shards / "part" / "0000{0..1}.tar"), keep_columns=("label", "url", "score")
+    )
+    rows, plan = _rows(config)
+    assert plan.kept == pa.schema(
+        [("label", pa.int64()), ("url", pa.string()), ("score", pa.float64())]
+    )
+    ok = [r for r in rows if not r["error"]]
+    kept = from_cells([r["kept"] for r in ok])
+    assert kept.schema == plan.kept
+    assert kept.to_pylist()[:3] == [
+        {"label": 3, "url": "http://x/0", "score": 0.5},
+        {"label": 4, "url": "http://x/1", "score": 1.5},
+        {"label": None, "url": None, "score": None},
+    ]
+    with pytest.raises(InputError, match="'lable' is not 'caption' nor a field.*label, score, url"):
+        plan_input(InputConfig(uri=str(shards), keep_columns=("lable",)))
+    with pytest.raises(InputError, match="'id' cannot be kept"):
+        plan_input(InputConfig(uri=str(shards), keep_columns=("id",)))
+
+
+def test_done_samples_are_left_out_before_any_task(shards):
+    done = np.unique(hash_ids(EXPECTED_IDS[:6]))
+    rows, plan = _rows(InputConfig(uri=str(shards), rows_per_task=2), done=done)
+    assert plan.skipped == 7  # both 'dup' rows share the done id
+    assert [r["id"] for r in rows] == ["part/00001.tar/000000", "last"]
+    assert len(plan.tasks) == 1 and plan.rows == 2
+
+
+def test_shards_that_cannot_be_read_are_one_line(tmp_path):
+    (tmp_path / "x.tar").write_bytes(b"")
+    with pytest.raises(
+        InputError,
+        match=r"no readable WebDataset sample \(x.tar: tar shard not readable at all \(empty file\)\)",
+    ):
+        plan_input(InputConfig(uri=str(tmp_path)))
+    with pytest.raises(InputError, match="no such file"):
+        plan_input(InputConfig(uri=str(tmp_path / "nope.tar")))
+
+
+def test_a_shard_corrupt_midway_keeps_the_samples_before(tmp_path):
+    write_shard(tmp_path / "s.tar", [*_sample("k0", 0), *_sample("k1", 1), *_sample("k2", 2)])
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        k2 = tar.getmember("k2.jpg").offset
+    raw = bytearray((tmp_path / "s.tar").read_bytes())
+    raw[k2 : k2 + 512] = b"\xff" * 512  # k2's header: garbage
+    (tmp_path / "s.tar").write_bytes(bytes(raw))
+    rows, plan = _rows(InputConfig(uri=str(tmp_path)))
+    assert [(r["id"], r["error"]) for r in rows] == [("k0", ""), ("k1", "")]
+    assert plan.rows == 2
+    assert plan.unreadable == [
+        "s.tar: tar shard not readable after 2 samples (invalid header at byte 5120)"
+    ]
+
+
+def test_s3_shards_plan_and_read_like_local(shards, s3_env):
+    local = shards / "part" / "00000.tar"
+    s3_env.fs.put(str(local), f"{s3_env.bucket}/wds/shards/00000.tar")
+    config = InputConfig(uri=f"s3://{s3_env.bucket}/wds/shards/{{00000..00001}}.tar")
+    plan = plan_input(config, s3_env.s3)
+    assert plan.skipped_files == {"missing": 1, "tar_member_not_a_sample": 1}
+    stage = ReadStage(plan.root, config)
+    rows = [r for t in plan.tasks for b in stage({"task": [asdict(t)]}) for r in b.to_pylist()]
+    assert [r["id"] for r in rows] == EXPECTED_IDS[:7]
+    assert rows[1]["data"] == _jpeg(1) and rows[0]["source"].startswith("s3://")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("caption,url", ("caption", "url")),
+        ("[caption, url]", ("caption", "url")),
+        ("", ()),
+        (["a"], ("a",)),
+    ],
+)
+def test_keep_columns_from_yaml_or_flags(value, expected):
+    from vlray.config import ConfigError, build_config
+
+    overrides = {"input": {"uri": "x", "keep_columns": value}, "model": {"name": "m"}}
+    assert build_config(None, overrides).input.keep_columns == expected
+    assert (
+        build_config(None, {"input": {"uri": "x"}, "model": {"name": "m"}}).input.keep_columns
+        is None
+    )
+    with pytest.raises(ConfigError, match="input.keep_columns: expected a list of names"):
+        build_config(None, {"input": {"uri": "x", "keep_columns": 3}, "model": {"name": "m"}})
