@@ -180,13 +180,13 @@ class WriteStage:
                     }
                 )
                 write_parquet_atomic(self.output.join("segmented", name), done)
-        if n_ok and self.schema is not None:
-            table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
-            write_parquet_atomic(self.output.join("embeddings", name), table)
-        if "tokens" in batch and n_ok:
+        if "tokens" in batch and n_ok:  # like masks: before the embeddings part commits them
             write_parquet_atomic(
                 self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
             )
+        if n_ok and self.schema is not None:
+            table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
+            write_parquet_atomic(self.output.join("embeddings", name), table)
         if n_err:
             table = pa.table(
                 {

@@ -555,7 +555,7 @@ def run_job(config: JobConfig) -> dict[str, Any]:
 def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
     import ray
 
-    from vlray.pipeline.state import done_ids, remove_stale_temp_files
+    from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
 
     started = time.time()
     _check_storage(config)
@@ -575,7 +575,7 @@ def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
     output = locate(config.output.uri, config.s3)
     lock = RunLock(output, config.s3, on_lost=stops.interrupt)
     with lock, _Stopping(output, (done_folder, "errors")) as stopping:
-        removed = remove_stale_temp_files(output)
+        removed = remove_stale_temp_files(output) + remove_orphan_parts(output, done_folder)
         if removed:
             logger.warning("removed %d partial files left by an interrupted run", removed)
         done = done_ids(output, include_errors=not config.retry_errors, folder=done_folder)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -542,4 +543,23 @@ def remove_stale_temp_files(output: Location) -> int:
         if info.type == pafs.FileType.File and os.path.basename(info.path).startswith(".tmp-"):
             output.fs.delete_file(info.path)
             removed += 1
+    return removed
+
+
+SIDE_FOLDERS = ("masks", "tokens", "regions")
+"""Folders whose part files are written before the batch's done marker (``embeddings/``, or
+``segmented/`` for SAM alone) under the same part name: committed only once that marker is."""
+
+
+def remove_orphan_parts(output: Location, done_folder: str) -> int:
+    """Deletes side parts (masks, tokens, regions) whose batch never committed its done part (a
+    run killed between the two writes): their rows are redone, maybe in batches of another name,
+    and must not appear twice. Returns how many files were removed (we hold the lock)."""
+    done = {posixpath.basename(p) for p in list_files(output.join(done_folder), (".parquet",))}
+    removed = 0
+    for folder in SIDE_FOLDERS:
+        for path in list_files(output.join(folder), (".parquet",)):
+            if posixpath.basename(path) not in done:
+                output.fs.delete_file(path)
+                removed += 1
     return removed
