@@ -231,6 +231,7 @@ class DecodeStage:
             "stage": pa.array(stages, pa.string()),
             "prompts": batch.column("prompts"),
             "decode_s": pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1))),
+            **{c: batch.column(c) for c in ("kept",) if c in batch.column_names},
         }
         for key in keys:
             typ = pa.binary() if key.endswith(("pixels", "thumb")) else pa.int32()
@@ -657,4 +658,3 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, dtype)
-            **{c: batch.column(c) for c in ("kept",) if c in batch.column_names},
