@@ -16,6 +16,7 @@ from vlray.config import S3Config
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.families.fingerprint import fingerprint_difference, weights_fingerprint
 from vlray.index import SearchIndex
+from vlray.metadata import HitMetadata
 from vlray.ops.decode import DecodeError, decode_image
 from vlray.storage import list_files, locate, read_bytes, resolved_endpoint, scrub
 
@@ -128,17 +129,21 @@ class Searcher:
         self._family: Any = None
         self._image_encoder: Any = None
         self._text_encoder: Any = None
+        self.metadata: HitMetadata | None = None
+        """Kept input columns of the hits (set by ``open``)."""
 
     @classmethod
     def open(cls, uri: str, s3: S3Config | None = None, model: str | None = None) -> Searcher:
         """Loads the index at ``uri`` (a local folder or an ``s3://`` prefix); ``model``
         overrides where its weights are loaded from (see :func:`manifest_checkpoint`)."""
         try:
-            return cls(SearchIndex.load(_local_index_dir(uri, s3)), s3, model)
+            searcher = cls(SearchIndex.load(_local_index_dir(uri, s3)), s3, model)
         except (OSError, ValueError) as exc:
             if isinstance(exc, QueryError):
                 raise
             raise QueryError(f"cannot load index {uri}: {scrub(str(exc), s3)}") from None
+        searcher.metadata = HitMetadata.for_index(uri, s3)
+        return searcher
 
     @property
     def family(self) -> Any:
@@ -165,7 +170,7 @@ class Searcher:
             if probability is not None:
                 row["probability"] = float(probability(torch.tensor(score)).item())
             out.append(row)
-        return out
+        return self.metadata.attach(out) if self.metadata else out
 
     def by_id(self, item_id: str, k: int) -> list[dict[str, Any]]:
         """Neighbours of an indexed item, by its stored vector."""

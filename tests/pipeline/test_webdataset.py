@@ -10,6 +10,7 @@ from dataclasses import asdict
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -249,3 +250,35 @@ def test_keep_columns_from_yaml_or_flags(value, expected):
     )
     with pytest.raises(ConfigError, match="input.keep_columns: expected a list of names"):
         build_config(None, {"input": {"uri": "x", "keep_columns": 3}, "model": {"name": "m"}})
+
+
+def test_cli_job_on_shards_keeps_columns_into_query_hits(
+    shards, siglip2_checkpoint, ray_local, tmp_path, capsys
+):
+    from vlray.cli import embed_main, query_main
+
+    out = tmp_path / "out"
+    args = ["--input", str(shards), "--output", str(out), "--model", str(siglip2_checkpoint)]
+    keep = ["--set", "input.keep_columns=caption,label,score", "--set", "input.rows_per_task=4"]
+    assert embed_main([*args, *keep]) == 0
+    summary = json.loads((out / "_summary.json").read_text())
+    assert (summary["rows_in"], summary["embedded"], summary["errors"]) == (9, 6, 3)
+    assert summary["accounted"] and summary["input_errors"] == [
+        "part/zz-broken.tar: tar shard not readable at all (invalid header)"
+    ]
+    table = pq.read_table(out / "embeddings")
+    assert table.schema.names == ["id", "embedding", "width", "height", "caption", "label", "score"]
+    assert table.schema.field("label").type == pa.int64()
+    rows = {r["id"]: r for r in table.select(["id", "caption", "label", "width"]).to_pylist()}
+    assert rows["a"] == {"id": "a", "caption": "dots", "label": 4, "width": 40}
+    assert rows["sp ace/é ☃"]["caption"] == "unicode caption ✓"
+    errors = pq.read_table(out / "errors").to_pydict()
+    assert sorted(errors["id"]) == ["dup", "last", "only_text"]
+    capsys.readouterr()
+    assert query_main(["--index", str(out / "index"), "--id", "a", "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["id"] == "a"
+    assert hits[0]["metadata"] == {"caption": "dots", "label": 4, "score": 1.5}
+    assert embed_main([*args, *keep]) == 0  # nothing new: every sample is done
+    again = json.loads((out / "_summary.json").read_text())
+    assert (again["rows_in"], again["skipped_done"]) == (0, 9)
