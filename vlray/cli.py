@@ -42,7 +42,12 @@ def _embed_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="process again the rows in OUTPUT/errors/ (removed there when they succeed)",
     )
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show Ray's own progress and INFO lines and library notices",
+    )
     return p
 
 
@@ -76,21 +81,59 @@ def embed_config(argv: list[str]) -> JobConfig:
     return build_config(args.config, overrides)
 
 
+def _headline(summary: dict[str, Any], config: JobConfig) -> str:
+    status = "vlray embed: FAILED" if summary.get("failed") else "vlray embed: done"
+    if config.demo:
+        return status + "  [demo: a tiny random-weight model, results are not meaningful]"
+    if summary["weights"] == "random":
+        return status + "  [random weights: results are not meaningful]"
+    return status
+
+
+def masks_note(summary: dict[str, Any], config: JobConfig) -> str:
+    """Why a run that segmented images found no masks (empty when it found some)."""
+    if summary.get("masks") or not summary.get("segmented"):
+        return ""
+    sam = config.sam
+    why = (
+        f"every candidate mask scored below sam.pred_iou_thresh {sam.pred_iou_thresh} or "
+        f"sam.stability_score_thresh {sam.stability_score_thresh}"
+    )
+    if summary["weights"] == "random":
+        why += " (random weights rarely pass them)"
+    return (
+        why
+        + "; lower them, e.g. --set sam.pred_iou_thresh=0.5 --set sam.stability_score_thresh=0.5"
+    )
+
+
+def next_steps(summary: dict[str, Any]) -> list[str]:
+    """The commands to try next, suited to what the model can do."""
+    if not summary.get("index"):
+        return []
+    index = f"{summary['output']}/index"
+    query = (
+        '--text "a photo of a cat"'
+        if summary.get("text_queries")
+        else "--image PHOTO.jpg   (this model has no text tower: query by image or --id)"
+    )
+    return [
+        f"python jobs/query.py --index {index} {query}",
+        f"python jobs/serve.py --index {index}   (search page on http://127.0.0.1:8000/)",
+    ]
+
+
 def print_summary(summary: dict[str, Any], config: JobConfig) -> None:
     """The one-screen summary at the end of a run."""
     out = summary["output"]
+    done = summary["embedded"] or summary.get("segmented", 0)
+    verb = "embedded" if summary["embedded"] or not summary.get("segmented") else "segmented"
     lines = [
         "",
-        ("vlray embed: FAILED" if summary.get("failed") else "vlray embed: done")
-        + (
-            "  [DEMO: random-weight model, results are not meaningful]"
-            if summary["weights"] == "random"
-            else ""
-        ),
+        _headline(summary, config),
         f"  model      {summary['model']} ({summary['family']}, {summary['weights']} weights) on {summary['device']}",
         f"  input      {summary['input']}",
-        f"  rows       {summary['rows_in']} in = {summary['embedded'] or summary.get('segmented', 0)} "
-        f"{'embedded' if summary['embedded'] or not summary.get('segmented') else 'segmented'} + {summary['errors']} errors"
+        f"  rows       {summary['rows_in']} in = {done} {verb} + {summary['errors']} errors"
         + ("" if summary["accounted"] else "   <-- MISMATCH"),
     ]
     if summary.get("undone"):
@@ -100,37 +143,45 @@ def print_summary(summary: dict[str, Any], config: JobConfig) -> None:
     if summary.get("skipped_done"):
         lines.append(f"  skipped    {summary['skipped_done']} rows already done by earlier runs")
     if summary.get("segmented") or summary.get("masks"):
-        lines.append(
-            f"  masks      {summary['masks']} masks over {summary['segmented']} images (see {out}/masks/)"
-        )
+        lines.append(f"  masks      {summary['masks']} masks over {summary['segmented']} images")
+        note = masks_note(summary, config)
+        if note:
+            lines.append(f"             {note}")
     if summary["errors"]:
         lines.append(f"  errors     by stage: {summary['errors_by_stage']}  (see {out}/errors/)")
     b = summary["buckets"]
     lines += [
         f"  speed      {summary['images_per_second']} images/s over {summary['job_seconds']} s (wall {summary['wall_seconds']} s incl. index)",
         f"  buckets    {b['groups_per_batch']} shape groups per encoder batch, mean group size {b['mean_group_size']}",
-        f"  outputs    {out}/embeddings/  {out}/errors/  {out}/index/  {out}/_summary.json",
     ]
+    written = [f"{out}/{name}/" for name in summary.get("written", [])]
+    lines.append("  written    " + "  ".join([*written, f"{out}/_summary.json"]))
     if summary.get("index"):
         lines.append(
             f"  index      {summary['index']['factory']} over {summary['index']['count']} vectors"
         )
-        lines.append(
-            "  try        python jobs/query.py --index "
-            + f'{out}/index --text "a photo of a cat" -k 5'
-        )
+    for i, step in enumerate(next_steps(summary)):
+        lines.append(("  try        " if i == 0 else "             ") + step)
     print("\n".join(lines))
 
 
 def embed_main(argv: list[str] | None = None) -> int:
     """Entry point of ``jobs/embed.py``; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    verbose = "-v" in argv or "--verbose" in argv
+    verbose = _embed_parser().parse_args(argv).verbose  # --help exits here, before torch loads
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from vlray.quiet import quiet_stderr
+
+    with quiet_stderr(enabled=not verbose) as terminal:
+        return _embed(argv, verbose, terminal)
+
+
+def _embed(argv: list[str], verbose: bool, terminal: Any) -> int:
     from vlray.families import CheckpointError
+    from vlray.pipeline.progress import Progress
     from vlray.pipeline.sources import InputError
     from vlray.pipeline.state import OutputLocked, RunFailed
     from vlray.pipeline.stop import RunStopped, StopRequested, StopSignals
@@ -146,7 +197,7 @@ def embed_main(argv: list[str] | None = None) -> int:
                 )
             from vlray.pipeline.job import run_job
 
-            summary = run_job(config)
+            summary = run_job(config, Progress(terminal), quiet=not verbose)
     except StopRequested as stop:  # before the run began
         exc = RunStopped(stop.signum, 0)
         print(exc, file=sys.stderr)

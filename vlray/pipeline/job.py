@@ -15,8 +15,10 @@ import pyarrow.parquet as pq
 
 from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
-from vlray.families.fingerprint import hub_revision, weights_fingerprint
+from vlray.families.base import Family
+from vlray.index.update import build_output_index
 from vlray.pipeline.files import ReadStage, WriteStage
+from vlray.pipeline.progress import Progress
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
@@ -27,7 +29,6 @@ from vlray.storage import (
     Location,
     list_files,
     locate,
-    read_bytes,
     write_bytes_atomic,
     write_parquet_atomic,
 )
@@ -35,17 +36,19 @@ from vlray.storage import (
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(config: JobConfig) -> bool:
+def ensure_ray(config: JobConfig, quiet: bool = False) -> bool:
     """Connects to ``RAY_ADDRESS`` when set, else starts a local Ray for this run. True when
-    this call did (False: Ray was already initialized by the caller)."""
+    this call did (False: Ray was already initialized by the caller). ``quiet``: Ray's own
+    INFO lines off (warnings and errors still show)."""
     import ray
 
     if ray.is_initialized():
         return False
+    level = logging.WARNING if quiet else logging.INFO
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_level=level)
         return True
-    kwargs: dict[str, Any] = {"include_dashboard": False}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": level}
     if config.compute.num_cpus:
         kwargs["num_cpus"] = config.compute.num_cpus
     ray.init(**kwargs)
@@ -162,164 +165,6 @@ def _encode(ds: Any, config: JobConfig, checkpoint: Checkpoint, stages: StagePla
     )
 
 
-def iter_embeddings(output: Location, batch_rows: int = 65536) -> Any:
-    """A callable yielding (ids, vectors float32 (n, d)) from every committed embeddings file."""
-    import numpy as np
-
-    def batches() -> Any:
-        for path in list_files(output.join("embeddings"), (".parquet",)):
-            with output.fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                    emb = batch.column("embedding")
-                    dim = emb.type.list_size
-                    values = emb.values.to_numpy(zero_copy_only=False).astype(
-                        np.float32, copy=False
-                    )
-                    yield batch.column("id").to_pylist(), values.reshape(-1, dim)
-
-    return batches
-
-
-def count_rows(output: Location, folder: str) -> int:
-    """Rows in the committed Parquet files of ``output/folder``."""
-    total = 0
-    for path in list_files(output.join(folder), (".parquet",)):
-        with output.fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-def _index_manifest_fields(
-    config: JobConfig, checkpoint: Checkpoint, family_name: str
-) -> dict[str, Any]:
-    return {
-        "model": checkpoint.name,
-        "model_path": checkpoint.path,
-        "family": family_name,
-        "weights": "random" if checkpoint.random_weights else "pretrained",
-        "revision": hub_revision(checkpoint.path),
-        # the weight files loaded (None: seeded random weights built from the config)
-        "fingerprint": weights_fingerprint(checkpoint.path)
-        if checkpoint.weights == "pretrained"
-        else None,
-        "seed": checkpoint.seed,
-        "processor": checkpoint.processor,
-        "output_dtype": config.output.dtype,
-    }
-
-
-def _new_embeddings(output: Location, indexed: np.ndarray) -> tuple[Any, int]:
-    """(batches callable, count) of committed embeddings whose id is not in ``indexed``."""
-    from vlray.pipeline.state import hash_ids, is_done
-
-    source = iter_embeddings(output)
-
-    def batches() -> Any:
-        for ids, vectors in source():
-            keep = ~is_done(hash_ids(ids), indexed)
-            if keep.any():
-                yield [i for i, k in zip(ids, keep, strict=True) if k], vectors[keep]
-
-    return batches, sum(len(ids) for ids, _ in batches())
-
-
-def build_output_index(
-    config: JobConfig,
-    checkpoint: Checkpoint,
-    family_name: str,
-    output: Location,
-    dim: int,
-    rows_added: int,
-) -> dict[str, Any]:
-    """Brings index/ up to date with every committed embedding (streamed).
-
-    Adds the vectors not yet indexed when the existing index still fits the new size (Flat, HNSW,
-    IVF within its training), else rebuilds. S3 outputs are staged in a local folder.
-    """
-    import shutil
-    import tempfile
-
-    from vlray.index import add_to_index, build_index, can_add
-    from vlray.pipeline.state import hash_ids
-
-    total = count_rows(output, "embeddings")
-    fields = _index_manifest_fields(config, checkpoint, family_name)
-    index_loc = output.join("index")
-    staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
-    budget = int(config.index.memory_budget_gb * (1 << 30))
-    existing: dict[str, Any] | None = None
-    try:
-        existing = json.loads(read_bytes(index_loc.join("manifest.json")))
-    except (FileNotFoundError, OSError, ValueError):
-        existing = None
-    same_model = existing is not None and all(
-        existing.get(k) == fields[k] for k in ("model", "family", "weights", "seed", "fingerprint")
-    )
-    runs = list(existing.get("runs", [])) if same_model and existing else []
-    mode = "rebuild"
-    if same_model and can_add(
-        existing,
-        total=total,
-        dim=dim,
-        memory_budget_bytes=budget,
-        factory=config.index.factory or None,
-        flat_max=config.index.flat_max,
-    ):
-        if not index_loc.is_local:
-            for name in ("index.faiss", "ids.parquet", "manifest.json"):
-                with open(os.path.join(staging, name), "wb") as f:
-                    f.write(read_bytes(index_loc.join(name)))
-        indexed = np.unique(
-            hash_ids(pq.read_table(os.path.join(staging, "ids.parquet")).column("id").to_pylist())
-        )
-        batches, count = _new_embeddings(output, indexed)
-        if existing and existing.get("count", 0) + count == total:
-            mode = "add"
-            runs.append(
-                {
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "rows_added": count,
-                    "mode": mode,
-                    "factory": existing.get("factory"),
-                }
-            )
-            result = add_to_index(
-                batches, staging, dim=dim, count=count, manifest={**fields, "runs": runs}
-            )
-    if mode == "rebuild":
-        factory = config.index.factory or None
-        if factory is None and total:
-            from vlray.index import choose_factory
-
-            factory = choose_factory(total, dim, budget, config.index.flat_max)
-        runs.append(
-            {
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "rows_added": rows_added,
-                "mode": mode,
-                "factory": factory or "Flat",
-            }
-        )
-        result = build_index(
-            iter_embeddings(output),
-            staging,
-            dim=dim,
-            count=total,
-            factory=factory,
-            memory_budget_bytes=budget,
-            manifest={**fields, "runs": runs},
-        )
-    if not index_loc.is_local:
-        # manifest last: a reader that sees the new manifest sees the new files
-        with hold_stops():
-            for name in ("index.faiss", "ids.parquet", "manifest.json"):
-                with open(os.path.join(staging, name), "rb") as f:
-                    write_bytes_atomic(index_loc.join(name), f.read())
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
-    return {**result, "mode": mode}
-
-
 def _resolve(section: ModelConfig | SamConfig) -> Checkpoint:
     """The checkpoint of a model section: with random weights and an ``arch``, the preset."""
     random_arch = section.weights == "random" and section.arch
@@ -360,6 +205,31 @@ STAT_KEYS = (
 )
 
 
+OUTPUT_FOLDERS = {
+    "embeddings": "embedded",
+    "segmented": "segmented",
+    "masks": "masks",
+    "thumbnails": "thumbnails",
+    "errors": "errors",
+}
+"""Output folder -> the writers' count that says this run wrote into it."""
+
+
+def written_folders(totals: dict[str, float], index: bool, tokens: bool = False) -> list[str]:
+    """The output folders this run wrote files into (``index`` when it built or updated it,
+    ``tokens`` with ``model.store_tokens``)."""
+    folders = [name for name, key in OUTPUT_FOLDERS.items() if totals.get(key)]
+    if tokens and totals.get("embedded"):
+        folders.append("tokens")
+    return folders + (["index"] if index else [])
+
+
+def can_embed_text(family: Family) -> bool:
+    """Whether the checkpoint answers text queries (the one place that asks; switch it to the
+    families' capability contract when that lands)."""
+    return type(family).load_text_encoder is not Family.load_text_encoder
+
+
 def _budget_failure(totals: dict[str, float], output: OutputConfig) -> str:
     """Why the run must stop now (empty: go on): a systemic failure, or the error budget spent."""
     rows, errors = totals.get("rows", 0.0), totals.get("errors", 0.0)
@@ -372,10 +242,11 @@ def _budget_failure(totals: dict[str, float], output: OutputConfig) -> str:
 
 
 def drive(
-    ds: Any, output: OutputConfig, lock: RunLock | None = None
+    ds: Any, output: OutputConfig, lock: RunLock | None = None, progress: Progress | None = None
 ) -> tuple[dict[str, float], list[str], str]:
     """Consumes the write stage's per-file counts; stops at the first systemic failure or once
     the error budget is spent. Returns (totals, committed file names, failure reason or "").
+    ``progress`` is told every committed batch.
 
     Raises:
         LockLost: ``lock`` was taken over by another run (checked after each file).
@@ -388,6 +259,8 @@ def drive(
             for key in STAT_KEYS:
                 totals[key] = totals.get(key, 0.0) + float(batch[key].sum())
             new_files += [str(name) for name in batch["file"] if name]
+            if progress is not None:
+                progress.add(int(batch["rows"].sum()), int(batch["errors"].sum()))
             if lock is not None and lock.lost:
                 raise lock.lost
             systemic = [str(t) for t in batch["systemic_error"] if t]
@@ -531,13 +404,16 @@ class _Stopping:
         )
 
 
-def run_job(config: JobConfig) -> dict[str, Any]:
+def run_job(
+    config: JobConfig, progress: Progress | None = None, quiet: bool = False
+) -> dict[str, Any]:
     """Runs the whole job and returns the summary (also written to ``_summary.json``).
 
     Incremental: rows whose id is already in ``embeddings/`` (or ``errors/``, unless
     ``retry_errors``) are left out; the index is then brought up to date with all rows.
     SIGINT / SIGTERM stop it cleanly (in the main thread): committed work stays, the lock is
-    released.
+    released. ``progress`` shows the rows as they are committed; ``quiet`` turns Ray's own
+    progress and INFO lines off.
 
     Raises:
         OutputLocked: another run is using the same output.
@@ -547,12 +423,14 @@ def run_job(config: JobConfig) -> dict[str, Any]:
     """
     with StopSignals() as stops:
         try:
-            return _run_job(config, stops)
+            return _run_job(config, stops, progress, quiet)
         except StopRequested as stop:  # before the output was touched
             raise RunStopped(stop.signum, 0) from None
 
 
-def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
+def _run_job(
+    config: JobConfig, stops: StopSignals, progress: Progress | None, quiet: bool
+) -> dict[str, Any]:
     import ray
 
     from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
@@ -595,7 +473,7 @@ def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
         stages = None
         if plan.tasks:
             stopping.ray_started = not ray.is_initialized()  # set first: a stop may cut ray.init
-            ensure_ray(config)
+            ensure_ray(config, quiet)
             stops.install()  # again: ray.init sets its own SIGTERM handler
             models = (checkpoint is not None) + (sam_checkpoint is not None)
             model_bytes = checkpoint.vision_bytes() if checkpoint else 0
@@ -620,7 +498,14 @@ def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
                     ]
                 )
             ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
-            totals, new_files, failure = drive(ds, config.output, lock)
+            ds.context.enable_progress_bars = not quiet
+            if progress is not None:
+                progress.begin(plan.rows)
+            try:
+                totals, new_files, failure = drive(ds, config.output, lock, progress)
+            finally:
+                if progress is not None:
+                    progress.end()
         job_seconds = time.time() - started
         with hold_stops():  # rewrites several errors/ files: not cut halfway
             retried = (
@@ -650,7 +535,7 @@ def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
         index_manifest: dict[str, Any] | None = None
         if config.index.enabled and checkpoint is not None and index_ok:
             index_manifest = build_output_index(
-                config, checkpoint, family.name, output, dim, embedded
+                config, checkpoint, family.name, output, dim, embedded, new_files
             )
         wall = time.time() - started
         groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
@@ -701,6 +586,10 @@ def _run_job(config: JobConfig, stops: StopSignals) -> dict[str, Any]:
             "output": output.uri,
             "index": index_manifest
             and {k: index_manifest.get(k) for k in ("factory", "count", "dim", "mode")},
+            "written": written_folders(
+                totals, index_manifest is not None, config.model.store_tokens
+            ),
+            "text_queries": checkpoint is not None and can_embed_text(family),
             "config": to_dict(config),
         }
         write_bytes_atomic(
