@@ -22,7 +22,7 @@ from vlray.config import build_config
 from vlray.families import family_for, resolve_checkpoint
 from vlray.families.fingerprint import hub_revision, weights_fingerprint
 from vlray.index import build_index
-from vlray.pipeline.job import _index_manifest_fields
+from vlray.index.update import index_manifest_fields as _index_manifest_fields
 from vlray.query import QueryError, Searcher, manifest_checkpoint
 from vlray.testing.checkpoints import save_hub_siglip2
 

@@ -1,0 +1,228 @@
+"""Keep ``OUT/index`` up to date with the embeddings a job committed.
+
+An incremental run reads only the embedding files it committed (plus the existing index);
+every committed file is read only when the index is built for the first time or rebuilt
+(the index type no longer fits the total, another model, or an index that missed rows).
+S3 outputs are staged in a local folder and uploaded manifest last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from vlray.config import JobConfig
+from vlray.families import Checkpoint
+from vlray.families.fingerprint import hub_revision, weights_fingerprint
+from vlray.index.build import (
+    IDS_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    Batches,
+    add_to_index,
+    build_index,
+    can_add,
+    choose_factory,
+)
+from vlray.storage import Location, list_files, read_bytes, write_bytes_atomic
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE)
+MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
+
+
+def embedding_files(output: Location, names: Iterable[str] | None = None) -> list[str]:
+    """Paths of committed ``embeddings/`` files: all of them, or those named ``names`` that
+    exist (a run's file names cover errors/ too)."""
+    paths = list_files(output.join("embeddings"), (".parquet",))
+    if names is None:
+        return paths
+    wanted = set(names)
+    return [p for p in paths if os.path.basename(p) in wanted]
+
+
+def iter_embeddings(output: Location, paths: list[str], batch_rows: int = 65536) -> Batches:
+    """A callable yielding ``(ids, vectors)`` from ``paths``, one Parquet batch at a time.
+
+    Vectors are float32 (n, d); float16 files are read as stored and widened per batch, so
+    at most ``batch_rows`` rows are ever in memory.
+    """
+
+    def batches() -> Iterator[tuple[list[str], np.ndarray]]:
+        for path in paths:
+            with output.fs.open_input_file(path) as f:
+                for batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=batch_rows, columns=["id", "embedding"]
+                ):
+                    emb = batch.column("embedding")
+                    values = emb.values.to_numpy(zero_copy_only=False)
+                    vectors = values.reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
+                    yield batch.column("id").to_pylist(), vectors
+
+    return batches
+
+
+def count_rows(output: Location, paths: list[str]) -> int:
+    """Rows in the Parquet files ``paths`` (footers only)."""
+    total = 0
+    for path in paths:
+        with output.fs.open_input_file(path) as f:
+            total += pq.ParquetFile(f).metadata.num_rows
+    return total
+
+
+def index_manifest_fields(
+    config: JobConfig, checkpoint: Checkpoint, family_name: str
+) -> dict[str, Any]:
+    """The model fields an index manifest records (queries load these weights)."""
+    return {
+        "model": checkpoint.name,
+        "model_path": checkpoint.path,
+        "family": family_name,
+        "weights": "random" if checkpoint.random_weights else "pretrained",
+        "revision": hub_revision(checkpoint.path),
+        # the weight files loaded (None: seeded random weights built from the config)
+        "fingerprint": weights_fingerprint(checkpoint.path)
+        if checkpoint.weights == "pretrained"
+        else None,
+        "seed": checkpoint.seed,
+        "processor": checkpoint.processor,
+        "output_dtype": config.output.dtype,
+    }
+
+
+def _read_manifest(index_loc: Location) -> dict[str, Any] | None:
+    try:
+        return json.loads(read_bytes(index_loc.join(MANIFEST_FILE)))
+    except (FileNotFoundError, OSError, ValueError):
+        return None
+
+
+def _run_entry(rows_added: int, mode: str, factory: str | None) -> dict[str, Any]:
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {"at": at, "rows_added": rows_added, "mode": mode, "factory": factory or "Flat"}
+
+
+def _stage(index_loc: Location, staging: str) -> None:
+    for name in INDEX_FILES:
+        with open(os.path.join(staging, name), "wb") as f:
+            f.write(read_bytes(index_loc.join(name)))
+
+
+def _upload(index_loc: Location, staging: str) -> None:
+    from vlray.pipeline.stop import hold_stops
+
+    # manifest last: a reader that sees the new manifest sees the new files
+    with hold_stops():
+        for name in INDEX_FILES:
+            with open(os.path.join(staging, name), "rb") as f:
+                write_bytes_atomic(index_loc.join(name), f.read())
+
+
+def build_output_index(
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    family_name: str,
+    output: Location,
+    dim: int,
+    rows_added: int,
+    new_files: list[str] | None = None,
+) -> dict[str, Any]:
+    """Brings ``output/index`` up to date with every committed embedding (streamed).
+
+    Args:
+        new_files: Names of the part files this run committed; their embeddings are added
+            to the existing index when it still fits the new total. None: unknown, rebuild.
+
+    Returns:
+        The index manifest plus ``mode``: ``add`` or ``rebuild``.
+    """
+    all_paths = embedding_files(output)
+    total = count_rows(output, all_paths)
+    fields = index_manifest_fields(config, checkpoint, family_name)
+    index_loc = output.join("index")
+    staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
+    budget = int(config.index.memory_budget_gb * (1 << 30))
+    existing = _read_manifest(index_loc)
+    same_model = existing is not None and all(existing.get(k) == fields[k] for k in MODEL_KEYS)
+    runs = list(existing.get("runs", [])) if same_model and existing else []
+    new_paths = embedding_files(output, new_files) if new_files is not None else None
+    count = _addable(
+        config, output, existing if same_model else None, dim, total, new_paths, budget
+    )
+    mode = "rebuild" if count is None else "add"
+    if count is not None and new_paths is not None and existing is not None:
+        if not index_loc.is_local:
+            _stage(index_loc, staging)
+        runs.append(_run_entry(count, mode, existing.get("factory")))
+        result = add_to_index(
+            iter_embeddings(output, new_paths),
+            staging,
+            dim=dim,
+            count=count,
+            manifest={**fields, "runs": runs},
+        )
+    else:
+        factory = config.index.factory or None
+        if factory is None and total:
+            factory = choose_factory(total, dim, budget, config.index.flat_max)
+        runs.append(_run_entry(rows_added, mode, factory))
+        result = build_index(
+            iter_embeddings(output, all_paths),
+            staging,
+            dim=dim,
+            count=total,
+            factory=factory,
+            memory_budget_bytes=budget,
+            manifest={**fields, "runs": runs},
+        )
+    if not index_loc.is_local:
+        _upload(index_loc, staging)
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
+    return {**result, "mode": mode}
+
+
+def _addable(
+    config: JobConfig,
+    output: Location,
+    existing: dict[str, Any] | None,
+    dim: int,
+    total: int,
+    new_paths: list[str] | None,
+    budget: int,
+) -> int | None:
+    """Rows to add to the existing index, or None when it must be rebuilt instead."""
+    if existing is None or new_paths is None:
+        return None
+    if not can_add(
+        existing,
+        total=total,
+        dim=dim,
+        memory_budget_bytes=budget,
+        factory=config.index.factory or None,
+        flat_max=config.index.flat_max,
+    ):
+        return None
+    count = count_rows(output, new_paths)
+    if int(existing.get("count", 0)) + count != total:
+        # an earlier run committed rows but stopped before indexing them: the index lacks
+        # files this run did not write
+        logger.warning(
+            "index holds %s rows, this run added %d, embeddings/ holds %d: rebuilding",
+            existing.get("count"),
+            count,
+            total,
+        )
+        return None
+    return count
