@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from vlray.config import InputConfig
 from vlray.pipeline.kept import KEPT_COLUMN, from_cells
-from vlray.pipeline.sources import read_task_rows, task_from_row
+from vlray.pipeline.sources import dataset_rows, read_task_rows, task_from_row
 from vlray.schema import (
     ERRORS_SCHEMA,
     MASKS_SCHEMA,
@@ -58,6 +58,42 @@ class ReadStage:
         for task in batch["task"]:
             task = task_from_row(task)
             yield from read_task_rows(task, self.root, self.config, self.prompt_columns)
+
+
+class DatasetRowsStage:
+    """A batch of a user's Ray Dataset (an id and an image column, ``vlray.embed``) -> rows in
+    ``ROW_SCHEMA``, with the ``kept`` columns packed."""
+
+    def __init__(self, config: InputConfig, kept: tuple[str, ...] = ()) -> None:
+        self.config, self.kept = config, kept
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return dataset_rows(batch, self.config, self.kept)
+
+
+def output_rows(batch: dict[str, np.ndarray], dim: int) -> pa.Table:
+    """``vlray.embed``'s rows: id, embedding (fixed_size_list<float32>[dim], null on error
+    rows), width, height (the original image's, after EXIF orientation), error ('' when
+    embedded), then the kept columns typed as in the input."""
+    errors = batch["error"].astype(str)
+    failed = errors != ""
+    emb = np.asarray(batch["embedding"], dtype=np.float32).reshape(-1)
+    table = pa.table(
+        {
+            "id": id_array(batch["id"]),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(emb), dim, mask=pa.array(failed)
+            ),
+            "width": pa.array(batch["width"], pa.int32()),
+            "height": pa.array(batch["height"], pa.int32()),
+            "error": pa.array(errors, pa.string()),
+        }
+    )
+    kept = from_cells(list(batch[KEPT_COLUMN])) if KEPT_COLUMN in batch else None
+    if kept is not None:
+        for name, column in zip(kept.column_names, kept.columns, strict=True):
+            table = table.append_column(kept.schema.field(name), column)
+    return table
 
 
 def part_name(ids: list[str]) -> str:

@@ -58,30 +58,26 @@ def ensure_ray(config: JobConfig, quiet: bool = False) -> bool:
 
 def build_dataset(
     config: JobConfig,
-    plan: InputPlan,
+    plan: InputPlan | None,
     checkpoint: Checkpoint | None,
-    output: Location,
+    output: Location | None,
     stages: StagePlan,
     dim: int,
     sam_checkpoint: Checkpoint | None = None,
+    rows: Any = None,
 ) -> Any:
     """The Ray Data graph: read tasks -> decode actors -> encode actors -> [SAM actors] -> write.
 
     ``checkpoint`` is the embedding model (None for masks only); ``sam_checkpoint`` adds masks in
-    the same pass: each image is read and decoded once and resized for each model.
+    the same pass: each image is read and decoded once and resized for each model. ``rows`` (a
+    Dataset of read rows, ``vlray.embed``) replaces the plan's read tasks; with ``output`` None
+    the encoded rows are returned unwritten.
     """
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
-    items = [{"task": asdict(t)} for t in plan.tasks]
-    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(
-        ReadStage(plan.root, config.input, _prompt_columns(config) if sam_checkpoint else ()),
-        batch_size=1,
-        batch_format="numpy",
-        **task_stage(stages.io_cpus),
-    )
+    ds = rows if rows is not None else _read(config, plan, stages, sam_checkpoint is not None)
     decoding = {
         "max_pixels": config.input.max_pixels,
         "s3": config.s3,
@@ -130,7 +126,22 @@ def build_dataset(
     return _write(ds, config, output, stages, dim)
 
 
-def _write(ds: Any, config: JobConfig, output: Location, stages: StagePlan, dim: int) -> Any:
+def _read(config: JobConfig, plan: Any, stages: StagePlan, prompts: bool) -> Any:
+    import ray.data
+
+    items = [{"task": asdict(t)} for t in plan.tasks]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(
+        ReadStage(plan.root, config.input, _prompt_columns(config) if prompts else ()),
+        batch_size=1,
+        batch_format="numpy",
+        **task_stage(stages.io_cpus),
+    )
+
+
+def _write(ds: Any, config: JobConfig, output: Location | None, stages: StagePlan, dim: int) -> Any:
+    if output is None:  # vlray.embed: the caller's dataset, not files
+        return ds
     return ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output": output, "dim": dim, "dtype": config.output.dtype},

@@ -951,3 +951,38 @@ def _ids_alone(task: ReadTask, root: Location, config: InputConfig, skip: int) -
         for k, i in enumerate(ids)
     ]
     return with_nulls
+
+
+def dataset_rows(batch: pa.Table, config: InputConfig, kept: tuple[str, ...] = ()) -> pa.Table:
+    """``ROW_SCHEMA`` rows (+ kept cells) of a batch of a user's dataset (``vlray.embed``).
+
+    The id column (strings or integers) and the image column (bytes, a ``{bytes, path}`` struct,
+    or absolute paths / URIs read as they are) are those of ``config``; a null id or image cell becomes an
+    error row.
+
+    Raises:
+        InputError: a missing id or image column, or one of an unusable type, in one line.
+    """
+    names = batch.column_names
+    for column, what in ((config.id_column, "id"), (config.image_column, "image")):
+        if column not in names:
+            raise InputError(
+                f"no {what} column {column!r} in the dataset (columns: {', '.join(names)}); "
+                f"pass {what}_column="
+            )
+    check_id_type(batch.schema.field(config.id_column).type, config.id_column)
+    ids = id_strings(batch.column(config.id_column), "ids of the dataset").to_pylist()
+    root = locate("/")
+    free = InputConfig(image_column=config.image_column, allow_outside_root=True)
+    blobs, uris, errors = _image_cells(
+        batch.column(config.image_column).combine_chunks(), "/", root, free
+    )
+    stages = ["read" if e else "" for e in errors]
+    for i, row_id in enumerate(ids):
+        if row_id is None:
+            ids[i], errors[i], stages[i] = "", "null id", "read"
+        elif blobs[i] is None and not uris[i] and not errors[i]:
+            errors[i], stages[i] = "null image cell", "read"
+    n = batch.num_rows
+    cells = to_cells(batch.select(list(kept))) if kept else None
+    return _rows(ids, list(ids), blobs, uris, errors, stages, [""] * n, cells)
