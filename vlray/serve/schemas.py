@@ -21,6 +21,11 @@ class Hit(BaseModel):
     height: int | None = Field(None, description="source image height")
     thumbnail: str | None = Field(None, description="link to the item's thumbnail, if one exists")
     masks: str | None = Field(None, description="link to the item's SAM masks, if it has any")
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description="the input columns the job kept (input.keep_columns), column -> JSON value; "
+        "a WebDataset's caption is metadata.caption",
+    )
 
 
 class SearchResponse(BaseModel):
@@ -47,6 +52,11 @@ class Item(BaseModel):
     height: int | None = None
     thumbnail: str | None = None
     masks: str | None = None
+    metadata: dict[str, Any] | None = Field(
+        None,
+        description="the input columns the job kept (input.keep_columns), column -> JSON value; "
+        "a WebDataset's caption is metadata.caption",
+    )
 
 
 class Segmentation(BaseModel):

@@ -66,6 +66,7 @@ def item(request: Request, snap: SnapshotDep, id: ItemId) -> dict[str, Any]:
         "height": height,
         "thumbnail": thumbnail_link(request, id) if thumb is not None else None,
         "masks": masks_link(request, id) if snap.masks.has(id) else None,
+        "metadata": snap.searcher.metadata.get(id) if snap.searcher.metadata else None,
     }
 
 

@@ -70,6 +70,9 @@ def _hit(
         hit["thumbnail"] = thumbnail_link(request, item_id)
     if snap.masks.has(item_id):
         hit["masks"] = masks_link(request, item_id)
+    metadata = snap.searcher.metadata.get(item_id) if snap.searcher.metadata else None
+    if metadata is not None:
+        hit["metadata"] = metadata
     return hit
 
 
