@@ -282,3 +282,21 @@ def test_cli_job_on_shards_keeps_columns_into_query_hits(
     assert embed_main([*args, *keep]) == 0  # nothing new: every sample is done
     again = json.loads((out / "_summary.json").read_text())
     assert (again["rows_in"], again["skipped_done"]) == (0, 9)
+
+
+def test_a_caption_without_txt_comes_from_the_json(tmp_path):
+    write_shard(
+        tmp_path / "s.tar",
+        [
+            *_sample("k0", 0, meta={"caption": "from json"}),
+            *_sample("k1", 1, "from txt", {"caption": "no"}),
+        ],
+    )
+    rows, plan = _rows(InputConfig(uri=str(tmp_path / "s.tar"), keep_columns=("caption",)))
+    assert from_cells([r["kept"] for r in rows]).column("caption").to_pylist() == [
+        "from json",
+        "from txt",
+    ]
+    write_shard(tmp_path / "t" / "s.tar", _sample("k0", 0))
+    with pytest.raises(InputError, match="'caption' comes from .txt members"):
+        plan_input(InputConfig(uri=str(tmp_path / "t"), keep_columns=("caption",)))

@@ -11,7 +11,8 @@ Keys follow WebDataset's rule (``webdataset.tariterators.base_plus_ext``): a mem
 path up to the first dot of its file name (``dir/a.b.jpg`` -> key ``dir/a``, suffix ``b.jpg``);
 consecutive members with the same key form one sample; ``__x__`` members and members without a
 dot are not samples. The image is the sample's first member whose last suffix is an image
-extension; ``.txt`` is the ``caption`` column and ``.json`` object fields are columns.
+extension; ``.txt`` is the ``caption`` column (else the ``.json``'s ``caption`` field) and
+``.json`` object fields are columns.
 """
 
 from __future__ import annotations
@@ -340,8 +341,8 @@ def read_sample(
     wanted = [image[0]]
     if CAPTION in kept and text:
         wanted.append(text)
-    if any(k != CAPTION for k in kept) and record_suffix:
-        wanted.append(record_suffix)
+    if record_suffix and any(k != CAPTION or not text for k in kept):
+        wanted.append(record_suffix)  # a caption without .txt comes from the .json
     blobs: dict[str, bytes] = {}
     for suffix in wanted:
         info = members[suffix]
@@ -362,9 +363,8 @@ def read_sample(
         row.error = f"tar member {sample.key}.{record_suffix}: not a JSON object ({exc})"
         return row
     for name in kept:
-        if name == CAPTION:
-            caption = blobs.get(text)
-            row.kept[name] = caption.decode("utf-8", "replace") if caption is not None else None
+        if name == CAPTION and text:
+            row.kept[name] = blobs[text].decode("utf-8", "replace")
         else:
             row.kept[name] = record.get(name)
     return row

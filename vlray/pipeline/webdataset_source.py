@@ -58,14 +58,14 @@ def _kept_schema(root: Location, shards: list[Shard], config: InputConfig) -> pa
         return pa.schema([(CAPTION, pa.string())] if suffixes["txt"] else [])
     names = tuple(config.keep_columns)
     check_kept_names(names, config)
-    fields = sampled_json_fields(root, shards) if any(n != CAPTION for n in names) else {}
+    fields = sampled_json_fields(root, shards)
     out = []
     for name in names:
         if name == CAPTION:
-            if not suffixes["txt"]:
+            if not suffixes["txt"] and CAPTION not in fields:
                 raise InputError(
-                    "input.keep_columns: 'caption' comes from .txt members, and the shards have "
-                    "none"
+                    "input.keep_columns: 'caption' comes from .txt members (or a 'caption' field "
+                    "of the .json), and the shards have none"
                 )
             out.append(pa.field(name, pa.string()))
         elif name in fields:
