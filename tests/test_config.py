@@ -87,7 +87,7 @@ def test_random_arch_preset_builds_processor_overrides():
 
 def test_thumbnails_setting():
     assert (
-        build_config(None, {"input": {"uri": "x"}, "model": {"name": "m"}}).output.thumbnails == 0
+        build_config(None, {"input": {"uri": "x"}, "model": {"name": "m"}}).output.thumbnails == 256
     )
     config = build_config(
         None, parse_assignments(["output.thumbnails=256", "input.uri=x", "model.name=m"])

@@ -7,6 +7,7 @@ bad values are collected and reported together, each with the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -163,9 +164,10 @@ class OutputConfig:
     uri: str = "vlray-output"
     rows_per_file: int = 2048
     dtype: str = "float32"
-    thumbnails: int = 0
+    thumbnails: int = 256
     """Longest side of a JPEG preview per image in ``thumbnails/<sha1(id)>.jpg`` (0: none; the
-    query service shows them); images already smaller keep their size."""
+    query service shows them); images already smaller keep their size. Off by default with
+    ``input.decode: gpu`` (the images are decoded on the GPU). Cost: bench/thumbnails.py."""
     max_error_fraction: float = 0.5
     """Error budget: the run stops with exit 1 once more than this fraction of the rows seen
     are error rows (checked from ``error_budget_min_rows`` rows on). 1.0: never."""
@@ -363,8 +365,30 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+PROCESSOR_KEYS = frozenset(
+    {
+        "size", "crop_size", "patch_size", "max_num_patches", "min_pixels", "max_pixels",
+        "temporal_patch_size", "merge_size", "image_mean", "image_std", "resample",
+        "do_resize", "do_rescale", "rescale_factor", "do_normalize", "do_center_crop",
+        "do_pad", "pad_size", "do_convert_rgb", "pooling",
+    }
+)  # fmt: skip
+"""Keys ``model.processor`` / ``sam.processor`` may override (preprocessor_config.json keys the
+families read): anything else is a typo that would be ignored."""
+
+
 def _validate(config: JobConfig) -> list[str]:
     problems = []
+    for section in ("model", "sam"):
+        for key in getattr(config, section).processor:
+            if key not in PROCESSOR_KEYS:
+                close = difflib.get_close_matches(key, PROCESSOR_KEYS, n=1)
+                hint = f"did you mean {close[0]}? " if close else ""
+                problems.append(
+                    f"{section}.processor.{key}: unknown key ({hint}known: "
+                    + ", ".join(sorted(PROCESSOR_KEYS))
+                    + ")"
+                )
     if config.model.weights not in ("pretrained", "random"):
         problems.append(f"model.weights: {config.model.weights!r} is not 'pretrained' or 'random'")
     if config.model.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -428,6 +452,10 @@ def build_config(
         tree = _merge(tree, overrides)
     problems: list[str] = []
     config = _build(JobConfig, tree, "", problems)
+    if config.input.decode == "gpu" and "thumbnails" not in (tree.get("output") or {}):
+        config = dataclasses.replace(
+            config, output=dataclasses.replace(config.output, thumbnails=0)
+        )
     problems += _validate(config)
     if problems:
         raise ConfigError(problems)

@@ -320,11 +320,15 @@ def test_cli_embed_and_query_json(siglip2_checkpoint, ray_local, tmp_path, capsy
     printed = capsys.readouterr().out
     assert "5 in = 5 embedded + 0 errors" in printed
     # the summary names only what this run wrote, and a query this model can answer
-    assert f"  written    {out}/embeddings/  {out}/index/  {out}/_summary.json\n" in printed
+    assert (
+        f"  written    {out}/embeddings/  {out}/thumbnails/  {out}/index/  {out}/_summary.json\n"
+        in printed
+    )
     assert f'python jobs/query.py --index {out}/index --text "a photo of a cat"' in printed
     assert "DEMO" not in printed and "demo" not in printed
     summary = json.loads((out / "_summary.json").read_text())
-    assert summary["written"] == ["embeddings", "index"] and summary["text_queries"] is True
+    assert summary["written"] == ["embeddings", "thumbnails", "index"]
+    assert summary["text_queries"] is True and summary["thumbnails"] == 5
     assert json.loads((out / "index" / "manifest.json").read_text())["factory"] == "HNSW32,Flat"
     assert (
         query_main(["--index", str(out / "index"), "--id", "photo_0002.jpg", "-k", "3", "--json"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import quote_plus
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "serve-screenshot.png
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no system chromium (apt-get install chromium)")
-def test_web_page(server, photos, tmp_path):
+def test_web_page(server, photos, tmp_path, serve_checkpoint):
     sync_api = pytest.importorskip("playwright.sync_api")
     query_file = tmp_path / "query.jpg"
     query_file.write_bytes(photos[4][1])
@@ -41,6 +42,8 @@ def test_web_page(server, photos, tmp_path):
             page.wait_for_function(
                 "document.getElementById('info').textContent.includes('20 vectors')"
             )
+            info = page.locator("#info").inner_text()
+            assert serve_checkpoint.name in info and str(serve_checkpoint.parent) not in info
 
             # text search
             page.fill("#q", "a photo of a cat")
@@ -100,6 +103,27 @@ def test_web_page(server, photos, tmp_path):
             assert page.locator(".hit .id").first.inner_text() == target_id
             assert target_id in page.locator("#query-view").inner_text()
 
+            # the query is in the URL (an uploaded image's is not: "/"); Back walks them, a
+            # link reopens a query
+            assert page.url.endswith("/?id=" + quote_plus(target_id))
+            page.go_back()
+            assert page.url.endswith(":" + server.rsplit(":", 1)[1] + "/")
+            page.wait_for_function("document.querySelectorAll('.hit').length === 0")
+            page.go_back()
+            page.wait_for_function(
+                "document.getElementById('status').textContent.includes('text query')"
+            )
+            assert page.url.endswith("/?q=a+photo+of+a+cat")
+            assert page.input_value("#q") == "a photo of a cat"
+            linked = browser.new_page()
+            linked.goto(f"{server}/?id={quote_plus(photos[3][0])}&k=4")
+            linked.wait_for_function(
+                "document.getElementById('status').textContent.includes('id query')"
+            )
+            assert linked.locator(".hit").count() == 4
+            assert linked.locator(".hit .id").first.inner_text() == photos[3][0]
+            linked.close()
+
             # a bad request shows the server's message
             page.fill("#k", "5000")
             page.fill("#q", "cat")
@@ -117,6 +141,21 @@ def test_web_page(server, photos, tmp_path):
             refresh = os.environ.get("VLRAY_UPDATE_SCREENSHOT") or not DOCS_SHOT.exists()
             if refresh and DOCS_SHOT.parent.is_dir():
                 shutil.copyfile(shot, DOCS_SHOT)
+
+            # captions (hit.metadata.caption) and a link to an http(s) original, none for s3://
+            page.evaluate(
+                """() => render({hits: [
+                    {rank: 1, id: "https://example.org/a.jpg", score: 0.5,
+                     metadata: {caption: "a red <b>fox</b>"}},
+                    {rank: 2, id: "b", score: 0.4, metadata: {url: "http://example.org/b.png"}},
+                    {rank: 3, id: "s3://bucket/c.jpg", score: 0.3, metadata: {}}]})"""
+            )
+            assert page.locator(".hit .caption").all_inner_texts() == ["a red <b>fox</b>"]
+            links = page.locator(".hit .original")
+            assert [links.nth(i).get_attribute("href") for i in range(links.count())] == [
+                "https://example.org/a.jpg",
+                "http://example.org/b.png",
+            ]
             assert errors == []
         finally:
             browser.close()

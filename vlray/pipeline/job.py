@@ -395,8 +395,13 @@ def written_folders(totals: dict[str, float], index: bool, tokens: bool = False)
 
 
 def can_embed_text(family: Family) -> bool:
-    """Whether the checkpoint answers text queries (the one place that asks; switch it to the
-    families' capability contract when that lands)."""
+    """Whether the checkpoint answers text queries (the one place that asks): the families'
+    capability contract where it exists, else whether the family has a text encoder."""
+    from vlray.families import base
+
+    contract = getattr(base, "Capability", None)
+    if contract is not None:  # becomes the only line once the contract is in every tree
+        return bool(family.supports(contract.TEXT_EMBEDDINGS))
     return type(family).load_text_encoder is not Family.load_text_encoder
 
 

@@ -168,6 +168,24 @@ function render(body) {
     id.className = "id";
     id.textContent = hit.id;
     card.append(thumb, score, id);
+    const caption = hit.metadata && hit.metadata.caption;
+    if (caption !== undefined && caption !== null && caption !== "") {
+      const text = document.createElement("div");
+      text.className = "caption";
+      text.textContent = String(caption);
+      card.appendChild(text);
+    }
+    const original = originalLink(hit);
+    if (original) {
+      const a = document.createElement("a");
+      a.className = "original";
+      a.href = original;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer";
+      a.textContent = "original";
+      a.addEventListener("click", (ev) => ev.stopPropagation());
+      card.appendChild(a);
+    }
     if (hit.width && hit.height) {
       const size = document.createElement("div");
       size.className = "size";
@@ -180,6 +198,69 @@ function render(body) {
   state.nextOffset = body.next_offset === undefined ? null : body.next_offset;
   $("next").disabled = state.nextOffset === null;
   $("prev").disabled = state.offset === 0;
+}
+
+// Where the original image can be opened: an http(s) URI in the id or in a kept column
+// commonly holding it (url, uri, source, image); never a local path or s3:// key.
+const ORIGINAL_KEYS = ["url", "uri", "source", "image", "image_url", "path"];
+
+function originalLink(hit) {
+  const candidates = [hit.id];
+  const meta = hit.metadata || {};
+  for (const key of ORIGINAL_KEYS) candidates.push(meta[key]);
+  for (const value of candidates) {
+    if (typeof value === "string" && /^https?:\/\/[^\s]+$/i.test(value)) return value;
+  }
+  return null;
+}
+
+// The query lives in the URL (/?q=text or /?id=ID, plus k, offset and min_score when not the
+// defaults), so a result page can be linked, reloaded and walked with Back / Forward.
+function queryToUrl(q) {
+  const p = new URLSearchParams();
+  if (q.kind === "text") p.set("q", q.text);
+  else if (q.kind === "id") p.set("id", q.id);
+  else return null; // an uploaded image cannot be put in a link
+  const k = $("k").value;
+  if (k && k !== "20") p.set("k", k);
+  if (state.offset) p.set("offset", String(state.offset));
+  const min = $("min-score").value;
+  if (min !== "") p.set("min_score", min);
+  return "?" + p.toString();
+}
+
+function remember(q) {
+  const search = queryToUrl(q);
+  const url = search === null ? location.pathname : location.pathname + search;
+  if (url !== location.pathname + location.search) history.pushState(null, "", url);
+}
+
+function queryFromUrl() {
+  const p = new URLSearchParams(location.search);
+  if (p.get("k")) $("k").value = p.get("k");
+  if (p.get("min_score") !== null) $("min-score").value = p.get("min_score");
+  const offset = Math.max(0, parseInt(p.get("offset"), 10) || 0);
+  if (p.get("q")) {
+    $("q").value = p.get("q");
+    return { query: { kind: "text", text: p.get("q") }, offset: offset };
+  }
+  if (p.get("id")) return { query: { kind: "id", id: p.get("id") }, offset: offset };
+  return null;
+}
+
+function runFromUrl() {
+  const found = queryFromUrl();
+  if (!found) {
+    state.query = null;
+    $("grid").textContent = "";
+    $("query-view").textContent = "";
+    setStatus("");
+    return;
+  }
+  state.query = found.query;
+  state.offset = found.offset;
+  showQuery(found.query);
+  run();
 }
 
 function showQuery(q) {
@@ -198,6 +279,7 @@ function showQuery(q) {
 function search(q) {
   state.query = q;
   state.offset = 0;
+  remember(q);
   showQuery(q);
   run();
 }
@@ -233,13 +315,15 @@ drop.addEventListener("drop", (ev) => {
   uploadFile(ev.dataTransfer.files[0]);
 });
 $("next").addEventListener("click", () => {
-  if (state.nextOffset !== null) { state.offset = state.nextOffset; run(); }
+  if (state.nextOffset !== null) { state.offset = state.nextOffset; remember(state.query); run(); }
 });
 $("prev").addEventListener("click", () => {
   const k = Math.max(1, parseInt($("k").value, 10) || 20);
   state.offset = Math.max(0, state.offset - k);
+  remember(state.query);
   run();
 });
+window.addEventListener("popstate", runFromUrl);
 $("key-save").addEventListener("click", () => {
   state.apiKey = $("api-key").value;
   sessionStorage.setItem("vlrayApiKey", state.apiKey);
@@ -248,3 +332,4 @@ $("key-save").addEventListener("click", () => {
   run();
 });
 loadInfo();
+runFromUrl();
