@@ -122,3 +122,29 @@ def test_open_index_searches_by_id_and_vector_with_metadata(tmp_path):
         index.vector(np.zeros(8))
     with pytest.raises(QueryError, match="not a vlray index"):
         vlray.open_index(str(tmp_path / "nowhere"))
+
+
+def test_decoded_pixel_columns_reach_the_decoder_unchanged():
+    """Ray's tensor columns (read_images, read_webdataset's default decoder) are re-encoded
+    losslessly; arrays that are not uint8 images are error rows."""
+    from ray.data.extensions import ArrowTensorArray
+
+    from vlray.config import InputConfig
+    from vlray.pipeline.sources import dataset_rows
+
+    rng = np.random.default_rng(0)
+    images = [
+        rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+        rng.integers(0, 256, (4, 3, 3), dtype=np.uint8),
+    ]
+    column = ArrowTensorArray.from_numpy(np.array(images, dtype=object))
+    rows = dataset_rows(pa.table({"id": [7, 8], "image": column}), InputConfig()).to_pylist()
+    assert [r["id"] for r in rows] == ["7", "8"] and all(not r["error"] for r in rows)
+    for row, pixels in zip(rows, images, strict=True):
+        assert np.array_equal(decode_image(row["data"], max_pixels=10**6), pixels)
+    floats = ArrowTensorArray.from_numpy(np.zeros((1, 2, 2, 3), np.float32))
+    bad = dataset_rows(pa.table({"id": ["f"], "image": floats}), InputConfig()).to_pylist()
+    assert (
+        bad[0]["error"]
+        == "pixel array float32 of shape (2, 2, 3): expected uint8 (height, width[, channels])"
+    )

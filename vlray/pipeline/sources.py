@@ -974,9 +974,12 @@ def dataset_rows(batch: pa.Table, config: InputConfig, kept: tuple[str, ...] = (
     ids = id_strings(batch.column(config.id_column), "ids of the dataset").to_pylist()
     root = locate("/")
     free = InputConfig(image_column=config.image_column, allow_outside_root=True)
-    blobs, uris, errors = _image_cells(
-        batch.column(config.image_column).combine_chunks(), "/", root, free
-    )
+    values = batch.column(config.image_column).combine_chunks()
+    if isinstance(values.type, pa.ExtensionType):  # Ray's tensor columns: decoded pixels
+        blobs, errors = pixels_as_png(values)
+        uris = [""] * len(blobs)
+    else:
+        blobs, uris, errors = _image_cells(values, "/", root, free)
     stages = ["read" if e else "" for e in errors]
     for i, row_id in enumerate(ids):
         if row_id is None:
@@ -986,3 +989,27 @@ def dataset_rows(batch: pa.Table, config: InputConfig, kept: tuple[str, ...] = (
     n = batch.num_rows
     cells = to_cells(batch.select(list(kept))) if kept else None
     return _rows(ids, list(ids), blobs, uris, errors, stages, [""] * n, cells)
+
+
+def pixels_as_png(values: pa.Array) -> tuple[list[bytes | None], list[str]]:
+    """(PNG bytes or None, error or '') per cell of a Ray tensor column of decoded images
+    (``read_images``, ``read_webdataset``'s default decoder): HWC or HW uint8, re-encoded
+    losslessly so the decode stage reads exactly these pixels."""
+    import io
+
+    blobs: list[bytes | None] = []
+    errors: list[str] = []
+    for pixels in values.to_numpy(zero_copy_only=False):
+        arr = np.asarray(pixels) if pixels is not None else None
+        if arr is None or arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+            what = "null" if arr is None else f"{arr.dtype} of shape {arr.shape}"
+            blobs.append(None)
+            errors.append(f"pixel array {what}: expected uint8 (height, width[, channels])")
+            continue
+        buf = io.BytesIO()
+        Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr).save(
+            buf, "PNG", compress_level=1
+        )
+        blobs.append(buf.getvalue())
+        errors.append("")
+    return blobs, errors
