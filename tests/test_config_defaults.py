@@ -1,4 +1,5 @@
-"""Config defaults users see: thumbnails on (off with GPU decode), processor typos refused."""
+"""Defaults and first errors users see: thumbnails on (off with GPU decode), processor typos
+refused, an unsupported model type named as such."""
 
 from __future__ import annotations
 
@@ -33,3 +34,13 @@ def test_unknown_processor_keys_are_errors_with_a_suggestion():
     assert (
         build_config(None, {**BASE, "model": {"name": "m", "processor": ok}}).model.processor == ok
     )
+
+
+def test_an_unsupported_model_type_is_named_before_missing_weights(tmp_path):
+    import json
+
+    from vlray.families import CheckpointError, resolve_checkpoint
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(CheckpointError, match="model_type 'bert' is not supported \\(supported: "):
+        resolve_checkpoint(str(tmp_path))

@@ -195,6 +195,19 @@ def read_processor_config(folder: Path) -> dict[str, Any]:
     return {}
 
 
+def _check_supported(folder: Path, model_type: str) -> None:
+    """An unsupported ``model_type`` is named first, before any question of weight files."""
+    from vlray.families import FAMILIES  # the registry imports this module
+
+    known = sorted(t for cls in FAMILIES.values() for t in cls.model_types)
+    if model_type not in known:
+        raise CheckpointError(
+            f"{folder}: model_type {model_type!r} is not supported (supported: "
+            + ", ".join(known)
+            + ")"
+        )
+
+
 def resolve_checkpoint(
     name: str,
     *,
@@ -223,6 +236,7 @@ def resolve_checkpoint(
     model_type = config.get("model_type", "")
     if not model_type:
         raise CheckpointError(f"{config_path} has no model_type")
+    _check_supported(folder, model_type)
     processor = read_processor_config(folder)
     processor.update(processor_overrides or {})
     if weights == "pretrained" and not any(folder.glob("*.safetensors")):
