@@ -300,3 +300,41 @@ def test_a_caption_without_txt_comes_from_the_json(tmp_path):
     write_shard(tmp_path / "t" / "s.tar", _sample("k0", 0))
     with pytest.raises(InputError, match="'caption' comes from .txt members"):
         plan_input(InputConfig(uri=str(tmp_path / "t"), keep_columns=("caption",)))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_fast_header_reader_agrees_with_tarfile(tmp_path, fmt):
+    from vlray.pipeline.tarscan import fast_members
+
+    long_dir = "d" * 60 + "/" + "e" * 60  # a ustar prefix, a GNU long name, a PAX path
+    names = ["a.jpg", f"{long_dir}/k.jpg", f"{long_dir}/k.txt", "x" * 120 + ".json"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append("é ☃/ü.png")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            if fmt == tarfile.USTAR_FORMAT and len(name) > 100 and "/" not in name[-100:]:
+                continue  # ustar cannot hold it
+            info = tarfile.TarInfo(name)
+            info.size = 700 * i
+            tar.addfile(info, io.BytesIO(b"z" * info.size))
+        folder = tarfile.TarInfo("folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+        link = tarfile.TarInfo("link.jpg")
+        link.type, link.linkname = tarfile.SYMTYPE, "a.jpg"
+        tar.addfile(link)
+    raw = buf.getvalue()
+
+    def seen(members):
+        return [(m.name, m.type, m.size, m.offset, m.offset_data) for m in members]
+
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        expected = seen(tar.getmembers())
+    assert seen(fast_members(io.BytesIO(raw), len(raw))) == expected
+    assert len(expected) >= 5
+    cut = raw[: expected[2][4] + 10]  # the third member's data cut short
+    got = []
+    with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
+        got.extend(fast_members(io.BytesIO(cut), len(cut)))
+    assert seen(got) == expected[:3]

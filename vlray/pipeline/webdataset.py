@@ -30,6 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from vlray.pipeline.tarscan import Unusual, fast_members
 from vlray.storage import Location, is_transient, scrub
 
 logger = logging.getLogger(__name__)
@@ -38,8 +39,10 @@ CAPTION = "caption"
 """Kept column filled from a sample's ``.txt`` member."""
 READ_AHEAD = 4 << 20
 """Bytes fetched at a time from a shard (S3: one ranged GET); bounds a read task's memory."""
-SCAN_AHEAD = 64 << 10
-"""Read-ahead while the planner reads headers: small members (.txt, .json) share one fetch."""
+SCAN_AHEAD = {True: 8 << 10, False: 64 << 10}
+"""Read-ahead while the planner reads headers, local (True) or remote: a sample's small members
+(.txt, .json) and their headers share one read (on S3 one ranged GET), and a local scan of big
+images reads little more than the headers."""
 SCAN_THREADS = 8
 """Shards whose headers are read at once (S3 latency, not CPU, bounds the planner)."""
 JSON_SAMPLES = 16
@@ -113,17 +116,23 @@ class Sample:
     members: list[tuple[str, tarfile.TarInfo]] = field(default_factory=list)
 
 
-def iter_samples(tar: tarfile.TarFile, skipped: Counter) -> Iterator[Sample]:
+def tar_members(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The members of an open tar, one at a time (tarfile keeps every header otherwise)."""
+    while True:
+        info = tar.next()
+        tar.members = []
+        if info is None:
+            return
+        yield info
+
+
+def iter_samples(members: Iterator[tarfile.TarInfo], skipped: Counter) -> Iterator[Sample]:
     """Consecutive members grouped by key, in tar order. Members that are not samples are
     counted in ``skipped`` (directories are structure, not counted). A tar error after some
     samples raises after the sample in progress is yielded."""
     current: Sample | None = None
     try:
-        while True:
-            info = tar.next()
-            tar.members = []  # tarfile keeps every header otherwise
-            if info is None:
-                break
+        for info in members:
             if info.isdir():
                 continue
             if not info.isreg():
@@ -177,6 +186,34 @@ def _check_end(tar: tarfile.TarFile, raw: Any, shard: Shard) -> None:
         shard.problem, shard.stop = f"invalid header at byte {at}", at
 
 
+def _record(shard: Shard, members: Iterator[tarfile.TarInfo]) -> None:
+    for sample in iter_samples(members, shard.skipped):
+        shard.keys.append(sample.key)
+        shard.starts.append(sample.start)
+        for suffix, info in sample.members:
+            kind = suffix.rsplit(".", 1)[-1]  # b.txt is a txt member
+            shard.suffixes[kind] += 1
+            if kind == "json" and len(shard.json_members) < JSON_SAMPLES:
+                shard.json_members.append(info)
+
+
+def _scan(shard: Shard, raw: Any, ahead: int) -> None:
+    """Records the shard's samples: the fast header reader, else (a header it leaves to
+    tarfile) tarfile itself."""
+    window = _Window(raw, 0, shard.size, ahead)
+    try:
+        _record(shard, fast_members(window, shard.size))
+        return
+    except Unusual as exc:
+        logger.info("%s: %s, reading its headers with tarfile", shard.rel, exc)
+    fresh = Shard(shard.path, shard.rel, shard.size, stop=shard.size)
+    shard.__dict__.update(fresh.__dict__)
+    window = _Window(raw, 0, shard.size, ahead)
+    with tarfile.open(fileobj=window, mode="r:") as tar:  # type: ignore[call-overload]
+        _record(shard, tar_members(tar))
+        _check_end(tar, raw, shard)
+
+
 def scan_shard(root: Location, path: str) -> Shard:
     """Reads the headers of one shard (no member data). A shard whose first header is unreadable
     has no keys and a ``problem``; one unreadable later keeps the samples before it."""
@@ -184,25 +221,15 @@ def scan_shard(root: Location, path: str) -> Shard:
     try:
         with root.fs.open_input_file(path) as raw:
             shard.size = shard.stop = raw.size()
-            window = _Window(raw, 0, shard.size, SCAN_AHEAD)
             try:
-                with tarfile.open(fileobj=window, mode="r:") as tar:  # type: ignore[call-overload]
-                    for sample in iter_samples(tar, shard.skipped):
-                        shard.keys.append(sample.key)
-                        shard.starts.append(sample.start)
-                        for suffix, info in sample.members:
-                            kind = suffix.rsplit(".", 1)[-1]  # b.txt is a txt member
-                            shard.suffixes[kind] += 1
-                            if kind == "json" and len(shard.json_members) < JSON_SAMPLES:
-                                shard.json_members.append(info)
-                    _check_end(tar, raw, shard)
+                _scan(shard, raw, SCAN_AHEAD[root.is_local])
             except _TAR_ERRORS as exc:
                 if is_transient(exc):
                     raise
                 if not (_truncated_end(exc) and shard.keys):  # a truncated last member: a row
                     shard.problem = " ".join(str(exc).split()) or type(exc).__name__
                     if shard.keys:
-                        shard.stop = window.tell()
+                        shard.stop = getattr(exc, "offset", shard.size)
     except OSError as exc:
         if is_transient(exc):
             raise
@@ -389,7 +416,7 @@ def iter_range(
         window = _Window(raw, start, min(stop, size), READ_AHEAD)
         with tarfile.open(fileobj=window, mode="r:") as tar:  # type: ignore[call-overload]
             skipped: Counter = Counter()
-            samples = iter_samples(tar, skipped)
+            samples = iter_samples(tar_members(tar), skipped)
             try:
                 for sample in samples:
                     yield read_sample(tar, sample, size, kept, image_suffixes, max_bytes)
