@@ -246,6 +246,9 @@ def _query_parser() -> argparse.ArgumentParser:
         metavar="s3.KEY=VALUE",
         help="S3 settings of an s3:// index or image (endpoint_url, region, key, secret, ...)",
     )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="also show library notices and progress bars"
+    )
     return p
 
 
@@ -254,6 +257,13 @@ def query_main(argv: list[str] | None = None) -> int:
     args = _query_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from vlray.quiet import quiet_stderr
+
+    with quiet_stderr(enabled=not args.verbose):
+        return _query(args)
+
+
+def _query(args: argparse.Namespace) -> int:
     from vlray.query import QueryError, Searcher
 
     if args.k < 1:

@@ -102,6 +102,12 @@ def serve_main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.log_level != "debug":  # faiss' optional-library probe, Ray's token notice, ...
+        from vlray.quiet import quiet_loggers
+
+        quiet_loggers()
+        # no "Loading weights" bars in a service log (read when huggingface_hub is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     config = config_from_args(args)
     if not is_loopback(args.host) and not config.api_key:
         logging.warning(
