@@ -338,3 +338,19 @@ def test_the_fast_header_reader_agrees_with_tarfile(tmp_path, fmt):
     with pytest.raises(tarfile.ReadError, match="unexpected end of data"):
         got.extend(fast_members(io.BytesIO(cut), len(cut)))
     assert seen(got) == expected[:3]
+
+
+def test_a_header_type_the_fast_reader_leaves_to_tarfile_still_plans(tmp_path, caplog):
+    write_shard(tmp_path / "s.tar", [*_sample("k0", 0), ("vol.txt", b"x"), *_sample("k1", 1)])
+    raw = bytearray((tmp_path / "s.tar").read_bytes())
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        at = tar.getmember("vol.txt").offset
+    raw[at + 156 : at + 157] = b"V"  # a GNU volume header
+    raw[at + 148 : at + 156] = b" " * 8
+    raw[at + 148 : at + 155] = b"%06o\0" % sum(raw[at : at + 512])
+    (tmp_path / "s.tar").write_bytes(bytes(raw))
+    with caplog.at_level("INFO", logger="vlray.pipeline.webdataset"):
+        rows, plan = _rows(InputConfig(uri=str(tmp_path)))
+    assert "tar header type b'V', reading its headers with tarfile" in caplog.text
+    assert [(r["id"], r["error"]) for r in rows] == [("k0", ""), ("k1", "")]
+    assert plan.skipped_files == {"tar_member_not_regular": 1}
