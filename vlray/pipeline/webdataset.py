@@ -39,10 +39,11 @@ CAPTION = "caption"
 """Kept column filled from a sample's ``.txt`` member."""
 READ_AHEAD = 4 << 20
 """Bytes fetched at a time from a shard (S3: one ranged GET); bounds a read task's memory."""
-SCAN_AHEAD = {True: 8 << 10, False: 64 << 10}
-"""Read-ahead while the planner reads headers, local (True) or remote: a sample's small members
-(.txt, .json) and their headers share one read (on S3 one ranged GET), and a local scan of big
-images reads little more than the headers."""
+SCAN_AHEAD = {True: 8 << 10, False: 4 << 20}
+"""Read-ahead while the planner reads headers, local (True) or remote. Locally a sample's small
+members (.txt, .json) share one read and big images are seeked over. On S3 each read is a
+ranged GET with a fixed latency: a 225 MiB shard of 1000 230 KB photos took 1001 reads with
+64 KiB ahead, 56 with 4 MiB (reading the shard through once)."""
 SCAN_THREADS = 8
 """Shards whose headers are read at once (S3 latency, not CPU, bounds the planner)."""
 JSON_SAMPLES = 16
