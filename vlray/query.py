@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from vlray.config import S3Config
-from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
+from vlray.encoders import Encoders
+from vlray.families import Checkpoint, CheckpointError, Family, family_for, resolve_checkpoint
 from vlray.families.fingerprint import fingerprint_difference, weights_fingerprint
 from vlray.index import SearchIndex
 from vlray.metadata import HitMetadata
@@ -113,7 +114,7 @@ def manifest_checkpoint(manifest: dict[str, Any], model: str | None = None) -> C
 
 
 class Searcher:
-    """An index plus (lazily) the model that made it."""
+    """An index plus (lazily, in an :class:`~vlray.encoders.Encoders`) the model that made it."""
 
     def __init__(
         self, index: SearchIndex, s3: S3Config | None = None, model: str | None = None
@@ -126,9 +127,7 @@ class Searcher:
         self.load_seconds = float(getattr(index, "load_seconds", 0.0))
         self.last_query_seconds = 0.0
         self.s3 = s3
-        self._family: Any = None
-        self._image_encoder: Any = None
-        self._text_encoder: Any = None
+        self.encoders = Encoders(self.resolve_family)
         self.metadata: HitMetadata | None = None
         """Kept input columns of the hits (set by ``open``)."""
 
@@ -145,20 +144,22 @@ class Searcher:
         searcher.metadata = HitMetadata.for_index(uri, s3)
         return searcher
 
-    @property
-    def family(self) -> Any:
-        """The model family of the weights the index was built with (loaded on first use).
+    def resolve_family(self) -> Family:
+        """The model family of the weights the index was built with.
 
         Raises:
             QueryError: those weights cannot be found here, or differ from the recorded ones.
         """
-        if self._family is None:
-            checkpoint = manifest_checkpoint(self.manifest, self.model)
-            try:
-                self._family = family_for(checkpoint)
-            except CheckpointError as exc:
-                raise QueryError(str(exc)) from None
-        return self._family
+        checkpoint = manifest_checkpoint(self.manifest, self.model)
+        try:
+            return family_for(checkpoint)
+        except CheckpointError as exc:
+            raise QueryError(str(exc)) from None
+
+    @property
+    def family(self) -> Family:
+        """The model family (resolved once, on first use; see :meth:`resolve_family`)."""
+        return self.encoders.family
 
     def _search(self, vector: np.ndarray, k: int, probability: Any = None) -> list[dict[str, Any]]:
         start = time.perf_counter()
@@ -184,16 +185,12 @@ class Searcher:
         if not text.strip():
             raise QueryError("empty text query")
         start = time.perf_counter()
-        if self._text_encoder is None:
-            try:
-                self._text_encoder = self.family.load_text_encoder(
-                    torch.device("cpu"), torch.float32
-                )
-            except NotImplementedError as exc:
-                raise QueryError(str(exc)) from None
-        vector = self._text_encoder.encode([text])[0].numpy()
+        try:
+            vector, probability = self.encoders.encode_text(text)
+        except NotImplementedError as exc:  # MissingCapability: no text tower
+            raise QueryError(str(exc)) from None
         self.last_query_seconds = time.perf_counter() - start
-        return self._search(vector, k, self._text_encoder.probability)
+        return self._search(vector, k, probability)
 
     def by_image(self, uri: str, k: int) -> list[dict[str, Any]]:
         """Neighbours of an image file or URI, preprocessed exactly as the job does."""
@@ -202,16 +199,12 @@ class Searcher:
             data = read_bytes(locate(uri, self.s3))
         except (OSError, FileNotFoundError) as exc:
             raise QueryError(f"cannot read image {uri}: {exc}") from None
-        family = self.family
+        self.encoders.family  # noqa: B018 - a missing model is reported before decoding
         try:
             pixels = decode_image(data, max_pixels=200_000_000)
         except DecodeError as exc:
             raise QueryError(f"{uri}: {exc}") from None
-        resized = family.fit(pixels)  # resize, and crop where the family crops
-        if self._image_encoder is None:
-            self._image_encoder = family.load_encoder(torch.device("cpu"), torch.float32)
-        inputs = family.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None])
-        vector = self._image_encoder.encode(inputs)[0].numpy()
+        vector = self.encoders.encode_pixels([pixels])[0]  # the job's resize, crop, preprocess
         self.last_query_seconds = time.perf_counter() - start
         return self._search(vector, k)
 

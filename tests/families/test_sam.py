@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
+from vlray.families import Capability, MissingCapability
 from vlray.families.checkpoint import resolve_checkpoint
 from vlray.families.sam import SamFamily, SamMaskGenerator, build_point_grid, preprocess_shape
 from vlray.ops.rle import rle_to_mask
@@ -90,13 +91,15 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_family_basics(family: SamFamily) -> None:
     assert family.name == "sam" and family.model_types == ("sam",)
-    assert family.produces_embeddings is False
+    assert family.capabilities == {Capability.MASKS} and family.produces_embeddings is False
     assert family.interpolation == InterpolationMode.BILINEAR
     assert family.pad_size == (1024, 1024) and family.longest_edge == 1024
     assert family.target_size(480, 640) == (768, 1024)
     assert family.target_size(1, 1) == (1024, 1024)
-    with pytest.raises(NotImplementedError, match="load_mask_generator"):
+    with pytest.raises(MissingCapability, match="produces no embeddings"):
         family.load_encoder(CPU, torch.float32)
+    with pytest.raises(MissingCapability, match="no text tower"):
+        family.load_text_encoder(CPU, torch.float32)
 
 
 def test_preprocess_matches_reference(family: SamFamily) -> None:

@@ -99,3 +99,30 @@ def test_center_crop_matches_reference(shape):
         assert torch.equal(torch.from_numpy(got).permute(2, 0, 1), expected), size
         assert torch.equal(center_crop_chw(chw, size), expected), size
     assert center_crop_hwc(hwc, shape) is hwc
+
+
+def test_importing_resize_leaves_the_warning_filters_alone_and_reads_read_only_arrays():
+    """No module-level filterwarnings: the global filters are the same after the import, and a
+    read-only decoded array (a PIL buffer view) resizes without torch's not-writable warning,
+    even where warnings are errors (fresh process: torch warns once per process)."""
+    import subprocess
+    import sys
+
+    script = """
+import warnings
+import numpy as np
+import PIL.Image
+import torch
+from torchvision.transforms.v2 import InterpolationMode, functional
+import vlray.ops
+before = list(warnings.filters)  # what the dependencies set is theirs
+import vlray.ops.resize as resize
+assert warnings.filters == before, "vlray.ops.resize changed the global warning filters"
+warnings.simplefilter("error")
+pixels = np.frombuffer(bytes(range(256)) * 48, np.uint8).reshape(64, 64, 3)
+assert not pixels.flags.writeable
+out = resize.resize_uint8(pixels, (32, 32), InterpolationMode.BILINEAR)
+assert out.shape == (32, 32, 3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from vlray.families.base import Family, ImageEncoder, TextEncoder, UnsupportedImage
+from vlray.families.base import (
+    Capability,
+    Family,
+    ImageEncoder,
+    MaskGenerator,
+    MissingCapability,
+    TextEncoder,
+    TokenMatrices,
+    UnsupportedImage,
+)
 from vlray.families.checkpoint import Checkpoint, CheckpointError, resolve_checkpoint
 from vlray.families.clip import ClipFamily
 from vlray.families.dinov2 import Dinov2Family
@@ -30,6 +39,10 @@ def family_for(checkpoint: Checkpoint) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "Capability",
+    "MaskGenerator",
+    "MissingCapability",
+    "TokenMatrices",
     "Checkpoint",
     "CheckpointError",
     "Family",

@@ -10,22 +10,30 @@ A family is pure torch (no Ray). The pipeline only talks to this interface:
   final shape.
 * ``preprocess(images)`` turns a same-shape uint8 group ``(B, 3, H, W)`` into model inputs with
   single tensor ops (no per-image loop).
-* ``load_encoder(...)`` builds the image encoder (and ``load_text_encoder`` the text tower).
+* ``capabilities``: what this checkpoint can do (:class:`Capability`): embed images, embed
+  text, produce masks, produce token matrices. Callers ask it and load only what it lists:
+  ``load_encoder`` (image embeddings; token matrices through the same encoder),
+  ``load_text_encoder``, ``load_mask_generator``. Asking for a missing capability raises
+  :class:`MissingCapability`, whose message names what to do instead.
+
+The pipeline, the query code and the service see only this contract: they never name a
+family or probe an object for methods.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
 from torchvision.transforms.v2 import InterpolationMode
 
-from vlray.families.checkpoint import Checkpoint, meta_module_bytes
+from vlray.families.checkpoint import Checkpoint, meta_module_bytes, text_tower_problem
 from vlray.ops.memory import empty_huge
 from vlray.ops.resize import center_crop_hwc, resize_uint8
 
@@ -57,6 +65,44 @@ def interpolation_from_resample(resample: int | str | None, default: int) -> Int
 
 class UnsupportedImage(ValueError):
     """The model cannot take this image (e.g. an aspect ratio it rejects); becomes an error row."""
+
+
+class Capability(enum.Enum):
+    """What a checkpoint can do; a family lists its checkpoint's in ``Family.capabilities``."""
+
+    IMAGE_EMBEDDINGS = "image embeddings"
+    """``load_encoder``: same-shape groups -> L2-normalized vectors (``embedding_dim`` wide)."""
+    TEXT_EMBEDDINGS = "text embeddings"
+    """``load_text_encoder``: strings -> vectors in the image embedding space (a text tower
+    and its tokenizer are in the checkpoint)."""
+    MASKS = "masks"
+    """``load_mask_generator``: image embeddings once per image, masks per prompt or grid."""
+    TOKEN_MATRICES = "token matrices"
+    """``ImageEncoder.embed_tokens``: the per-image token matrix beside the embedding."""
+
+
+class MissingCapability(NotImplementedError):
+    """A capability the family or this checkpoint lacks was asked for; the message says what
+    to use instead. A configuration error: it is raised before any row is processed."""
+
+
+_INSTEAD = {
+    Capability.IMAGE_EMBEDDINGS: "it produces no embeddings (use it as sam.name for masks)",
+    Capability.TEXT_EMBEDDINGS: "no text tower: query by --image or --id instead",
+    Capability.MASKS: "it produces no masks (sam.name takes a SAM checkpoint)",
+    Capability.TOKEN_MATRICES: "its encoder has no token matrix (model.store_tokens off)",
+}
+
+
+class TokenMatrices(NamedTuple):
+    """One same-shape group's embeddings with the token matrices they pool."""
+
+    embeddings: torch.Tensor
+    """(B, dim) float32 unit vectors, on the encoder's device."""
+    tokens: torch.Tensor
+    """(B, grid_h * grid_w, dim) float32, on the encoder's device."""
+    grid: tuple[int, int]
+    """(grid_h, grid_w) of every image in the group (the token matrix is row-major)."""
 
 
 def _size_dict(value: Any, default_to_square: bool) -> dict[str, int]:
@@ -281,6 +327,73 @@ class ImageEncoder(ABC):
         """Model inputs of one same-shape group -> (B, dim) float32 unit vectors, on CPU."""
         return self.embed(inputs).cpu()
 
+    def embed_tokens(self, inputs: dict[str, torch.Tensor]) -> TokenMatrices:
+        """``embed`` plus the token matrices it pools (``Capability.TOKEN_MATRICES``).
+
+        Raises:
+            MissingCapability: this encoder has no token matrix.
+        """
+        raise MissingCapability(f"{type(self).__name__}: {_INSTEAD[Capability.TOKEN_MATRICES]}")
+
+
+class MaskGenerator(ABC):
+    """Masks from image embeddings (``Capability.MASKS``); every output in original pixels.
+
+    ``original_size`` is the decoded image's (H, W) and ``reshaped_input_size`` the (H, W) it
+    was resized to (``family.target_size``); mask records are dicts of COCO RLE
+    ``segmentation``, ``bbox`` [x, y, w, h], ``area``, ``predicted_iou``, ``stability_score``
+    and ``point`` (automatic) or ``prompt_index`` (prompted).
+    """
+
+    @abstractmethod
+    def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The family's ``preprocess`` output ``pixel_values`` -> per-image embeddings (B, ...)
+        on the generator's device."""
+
+    @abstractmethod
+    def scale_prompts(
+        self,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        original_size: tuple[int, int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """Prompts in original pixels, (1, N, P, 2) points, (1, N, P) labels, (1, N, 4) boxes
+        -> the model's input frame."""
+
+    @abstractmethod
+    def prompted(
+        self,
+        embeddings: torch.Tensor,
+        points: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
+        *,
+        original_size: tuple[int, int],
+        reshaped_input_size: tuple[int, int],
+        multimask_output: bool = True,
+        mask_threshold: float = 0.0,
+        stability_score_offset: float = 1.0,
+        prompts_per_batch: int = 64,
+    ) -> list[dict[str, Any]]:
+        """One image's embedding and its (scaled) prompts -> mask records."""
+
+    @abstractmethod
+    def automatic(
+        self,
+        embeddings: torch.Tensor,
+        original_size: tuple[int, int],
+        reshaped_input_size: tuple[int, int],
+        points_per_side: int = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        mask_threshold: float = 0.0,
+    ) -> list[dict[str, Any]]:
+        """One image's embedding -> the filtered, deduplicated masks of a point grid."""
+
 
 class TextEncoder(ABC):
     """Encodes text queries into the image embedding space."""
@@ -299,7 +412,6 @@ class Family(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
-    produces_embeddings: ClassVar[bool] = True
     packed_groups: ClassVar[bool] = False
     """Whether ``preprocess`` reads packed RGB groups faster than PIL's 4-byte pixels (in
     ``batch.preprocess_images``): True where it gathers patches whose rows then hold 3 * patch
@@ -309,6 +421,35 @@ class Family(ABC):
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
         self.processor = checkpoint.processor
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """What this checkpoint can do; by default it embeds images and nothing else. Families
+        whose text tower may be left out of a checkpoint check the checkpoint's files."""
+        return frozenset({Capability.IMAGE_EMBEDDINGS})
+
+    def supports(self, capability: Capability) -> bool:
+        """Whether ``capability`` is in ``capabilities``."""
+        return capability in self.capabilities
+
+    def require(self, capability: Capability) -> None:
+        """Raises MissingCapability (naming what to use instead) unless ``supports``."""
+        if not self.supports(capability):
+            why = self.why_missing(capability)
+            raise MissingCapability(
+                f"{self.checkpoint.name} ({self.name}): {_INSTEAD[capability]}"
+                + (f" ({why})" if why else "")
+            )
+
+    def why_missing(self, capability: Capability) -> str:
+        """Why this checkpoint lacks ``capability`` where the family could have it (e.g. no
+        tokenizer files); empty when the family never has it."""
+        return ""
+
+    @property
+    def produces_embeddings(self) -> bool:
+        """``supports(Capability.IMAGE_EMBEDDINGS)``."""
+        return self.supports(Capability.IMAGE_EMBEDDINGS)
 
     @property
     def config(self) -> PreTrainedConfig:
@@ -386,12 +527,57 @@ class Family(ABC):
     def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """A same-shape group, uint8 (B, 3, H, W) with (H, W) == target_size -> model inputs."""
 
-    @abstractmethod
     def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
-        """Builds the image encoder on ``device`` in ``dtype``."""
+        """Builds the image encoder on ``device`` in ``dtype`` (``Capability.IMAGE_EMBEDDINGS``;
+        with ``TOKEN_MATRICES`` its ``embed_tokens`` works too).
+
+        Raises:
+            MissingCapability: the family produces no embeddings.
+        """
+        self.require(Capability.IMAGE_EMBEDDINGS)
+        return self._image_encoder(device, dtype)
 
     def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-        """Builds the text tower; families or checkpoints without one raise a clear message."""
-        raise NotImplementedError(
-            f"{self.checkpoint.name} ({self.name}) has no text tower: query by --image or --id instead"
-        )
+        """Builds the text tower (``Capability.TEXT_EMBEDDINGS``).
+
+        Raises:
+            MissingCapability: the family or this checkpoint has no text tower.
+        """
+        self.require(Capability.TEXT_EMBEDDINGS)
+        return self._text_encoder(device, dtype)
+
+    def load_mask_generator(self, device: torch.device, dtype: torch.dtype) -> MaskGenerator:
+        """Builds the mask generator (``Capability.MASKS``).
+
+        Raises:
+            MissingCapability: the family produces no masks.
+        """
+        self.require(Capability.MASKS)
+        return self._mask_generator(device, dtype)
+
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+        raise NotImplementedError(f"{self.name} lists image embeddings but builds no encoder")
+
+    def _text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+        raise NotImplementedError(f"{self.name} lists text embeddings but builds no text tower")
+
+    def _mask_generator(self, device: torch.device, dtype: torch.dtype) -> MaskGenerator:
+        raise NotImplementedError(f"{self.name} lists masks but builds no mask generator")
+
+
+class TwoTowerFamily(Family):
+    """A family of image + text towers (SigLIP, CLIP): text embeddings only where the
+    checkpoint holds the text tower and its tokenizer (a vision-only export has neither)."""
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Image embeddings; text embeddings unless ``text_tower_problem`` finds one."""
+        if text_tower_problem(self.checkpoint):
+            return frozenset({Capability.IMAGE_EMBEDDINGS})
+        return frozenset({Capability.IMAGE_EMBEDDINGS, Capability.TEXT_EMBEDDINGS})
+
+    def why_missing(self, capability: Capability) -> str:
+        """What the checkpoint lacks for text embeddings."""
+        if capability is Capability.TEXT_EMBEDDINGS:
+            return text_tower_problem(self.checkpoint)
+        return ""

@@ -287,3 +287,56 @@ def load_vision_tower(
         return load_model(checkpoint, vision_cls, dtype)
     model = load_model(checkpoint, full_cls, dtype)
     return model.vision_model
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "spiece.model",
+    "tokenizer.model",
+    "vocab.json",
+)
+"""Any of these in a checkpoint folder means it ships a tokenizer (fast, SentencePiece or BPE)."""
+
+
+def has_tokenizer(checkpoint: Checkpoint) -> bool:
+    """Whether the checkpoint folder holds tokenizer files."""
+    folder = Path(checkpoint.path)
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tensor_names(checkpoint: Checkpoint) -> frozenset[str]:
+    """The names of the tensors in the checkpoint's safetensors files (headers only, or the
+    shard index), cached per folder; empty for random weights."""
+    if checkpoint.weights == "random":
+        return frozenset()
+    return _tensor_names(checkpoint.path)
+
+
+@lru_cache(maxsize=64)
+def _tensor_names(folder: str) -> frozenset[str]:
+    from safetensors import safe_open
+
+    index = Path(folder) / "model.safetensors.index.json"
+    if index.is_file():
+        return frozenset(_read_json(index).get("weight_map", {}))
+    names: set[str] = set()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names.update(f.keys())
+    return frozenset(names)
+
+
+def text_tower_problem(checkpoint: Checkpoint, prefix: str = "text_model.") -> str:
+    """Why a two-tower checkpoint cannot embed text, empty when it can: a vision-only
+    ``model_type``, no tokenizer files, or (pretrained) no tensors under ``prefix``."""
+    if is_vision_only(checkpoint):
+        return f"model_type {checkpoint.model_type} is a vision tower alone"
+    if not has_tokenizer(checkpoint):
+        return f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) in the folder"
+    names = tensor_names(checkpoint)
+    if checkpoint.weights != "random" and not any(
+        n.startswith((prefix, f"model.{prefix}")) for n in names
+    ):
+        return f"no text tower weights ({prefix}*) in its safetensors"
+    return ""

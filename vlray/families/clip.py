@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
-    Family,
     ImageEncoder,
     Normalization,
     ResizeCrop,
     TextEncoder,
+    TwoTowerFamily,
     interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, load_model, vision_config
@@ -82,7 +82,7 @@ class ClipTextEncoder(TextEncoder):
         return F.normalize(self.projection(pooled).float(), dim=-1).cpu()
 
 
-class ClipFamily(Family):
+class ClipFamily(TwoTowerFamily):
     """CLIP: shortest edge to ``size``, centre crop to ``crop_size`` (224x224 for ViT-B/32),
     bicubic; every image ends at the crop size, so a whole batch is one group."""
 
@@ -131,10 +131,10 @@ class ClipFamily(Family):
         """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
         return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """The vision tower + ``visual_projection`` of ``CLIPModel``."""
         return ClipImageEncoder(self.checkpoint, device, dtype)
 
-    def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    def _text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         """The text tower + ``text_projection`` of ``CLIPModel``, with ``CLIPTokenizer``."""
         return ClipTextEncoder(self.checkpoint, device, dtype)

@@ -121,6 +121,6 @@ class Dinov2Family(Family):
         """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
         return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """``Dinov2Model`` (``Dinov2WithRegistersModel`` for registers checkpoints)."""
         return Dinov2ImageEncoder(self.checkpoint, self.pooling, device, dtype)

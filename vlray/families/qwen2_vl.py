@@ -29,9 +29,11 @@ from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     CHUNK_ELEMENTS,
+    Capability,
     Family,
     ImageEncoder,
     Normalization,
+    TokenMatrices,
     UnsupportedImage,
     interpolation_from_resample,
 )
@@ -269,12 +271,27 @@ class Qwen2VLImageEncoder(ImageEncoder):
         pooled = self.merged_tokens(inputs).float().mean(dim=1)
         return F.normalize(pooled, dim=-1)
 
+    @torch.inference_mode()
+    def embed_tokens(self, inputs: dict[str, torch.Tensor]) -> TokenMatrices:
+        """``embed`` and the merged-token matrices it averages, in one forward.
+
+        Returns:
+            embeddings (B, dim) and tokens (B, grid_h * grid_w, dim), float32 on the device;
+            grid (H / (patch * merge), W / (patch * merge)).
+        """
+        tokens = self.merged_tokens(inputs).float()
+        _, gh, gw = (int(v) for v in inputs["image_grid_thw"][0])
+        grid = (gh // self.merge_size, gw // self.merge_size)
+        return TokenMatrices(F.normalize(tokens.mean(dim=1), dim=-1), tokens, grid)
+
 
 class Qwen2VLFamily(Family):
     """Qwen2-VL's vision tower: ``smart_resize`` shapes, 2-frame patches, mean merged token."""
 
     name = "qwen2_vl"
     model_types = ("qwen2_vl",)
+    capabilities = frozenset({Capability.IMAGE_EMBEDDINGS, Capability.TOKEN_MATRICES})
+    """The vision tower alone: no text tower; the merged tokens as the token matrix."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
@@ -370,6 +387,6 @@ class Qwen2VLFamily(Family):
         grid = torch.tensor([[1, h // p, w // p]], dtype=torch.int64)
         return {"pixel_values": pixel_values, "image_grid_thw": grid.expand(b, 3).contiguous()}
 
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """The vision tower only (the language model is never built)."""
         return Qwen2VLImageEncoder(self.checkpoint, device, dtype)

@@ -23,8 +23,9 @@ from torchvision.ops import batched_nms
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
+    Capability,
     Family,
-    ImageEncoder,
+    MaskGenerator,
     Normalization,
     UnsupportedImage,
     interpolation_from_resample,
@@ -131,7 +132,7 @@ def mask_to_box_xyxy(masks: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0, y0, x1, y1], dim=1) * rows.any(1, keepdim=True)
 
 
-class SamMaskGenerator:
+class SamMaskGenerator(MaskGenerator):
     """SamModel on a device: image embeddings once per image, masks per prompt batch.
 
     All outputs are in the original image's pixels; ``original_size`` is the decoded image's
@@ -144,14 +145,26 @@ class SamMaskGenerator:
         device: torch.device,
         dtype: torch.dtype,
         pad_size: tuple[int, int] = (1024, 1024),
+        longest_edge: int = 1024,
     ) -> None:
         from transformers import SamModel
 
         self.model = load_model(checkpoint, SamModel, dtype).to(device)
         self.device, self.dtype = torch.device(device), dtype
         self.pad_size = pad_size
+        self.longest_edge = longest_edge
         with torch.inference_mode():
             self._positional = self.model.get_image_wide_positional_embeddings()
+
+    def scale_prompts(
+        self,
+        points: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        original_size: tuple[int, int],
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """:func:`scale_prompts` with this checkpoint's ``longest_edge``."""
+        return scale_prompts(points, labels, boxes, original_size, self.longest_edge)
 
     @torch.inference_mode()
     def image_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -416,7 +429,8 @@ class SamFamily(Family):
 
     name = "sam"
     model_types = ("sam",)
-    produces_embeddings = False
+    capabilities = frozenset({Capability.MASKS})
+    """Masks only: no embedding (``embedding_dim`` 0), no text tower."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
@@ -444,7 +458,7 @@ class SamFamily(Family):
 
     @property
     def embedding_dim(self) -> int:
-        """0: SAM produces masks, no embedding (``produces_embeddings`` is False)."""
+        """0: SAM produces masks, no embedding (no ``Capability.IMAGE_EMBEDDINGS``)."""
         return 0
 
     def resident_module(self) -> tuple[Any, PreTrainedConfig]:
@@ -501,12 +515,6 @@ class SamFamily(Family):
         """``scale_prompts`` with this checkpoint's ``longest_edge``."""
         return scale_prompts(points, labels, boxes, original_size, self.longest_edge)
 
-    def load_mask_generator(self, device: torch.device, dtype: torch.dtype) -> SamMaskGenerator:
+    def _mask_generator(self, device: torch.device, dtype: torch.dtype) -> SamMaskGenerator:
         """SamModel on ``device`` in ``dtype``, for prompted and automatic masks."""
-        return SamMaskGenerator(self.checkpoint, device, dtype, self.pad_size)
-
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
-        """SAM has no embedding output."""
-        raise NotImplementedError(
-            "the sam family produces masks, not embeddings: use load_mask_generator"
-        )
+        return SamMaskGenerator(self.checkpoint, device, dtype, self.pad_size, self.longest_edge)

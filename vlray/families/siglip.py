@@ -13,15 +13,14 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
-    Family,
     ImageEncoder,
     Normalization,
     TextEncoder,
+    TwoTowerFamily,
     interpolation_from_resample,
 )
 from vlray.families.checkpoint import (
     Checkpoint,
-    is_vision_only,
     load_model,
     load_vision_tower,
     vision_config,
@@ -88,7 +87,7 @@ class SiglipImageEncoder(ImageEncoder):
         return F.normalize(pooled.float(), dim=-1)
 
 
-class SiglipFamily(Family):
+class SiglipFamily(TwoTowerFamily):
     """Fixed-resolution SigLIP: every image is resized to ``size`` (e.g. 384x384), bicubic."""
 
     name = "siglip"
@@ -133,15 +132,12 @@ class SiglipFamily(Family):
         """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
         return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """The vision tower of ``SiglipModel``."""
         return SiglipImageEncoder(self.checkpoint, device, dtype)
 
-    def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    def _text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         """The text tower of ``SiglipModel``."""
         from transformers import SiglipModel
-
-        if is_vision_only(self.checkpoint):
-            return super().load_text_encoder(device, dtype)
 
         return SiglipTextEncoder(self.checkpoint, SiglipModel, device, dtype)

@@ -19,18 +19,13 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
-    Family,
     ImageEncoder,
     Normalization,
     TextEncoder,
+    TwoTowerFamily,
     interpolation_from_resample,
 )
-from vlray.families.checkpoint import (
-    Checkpoint,
-    is_vision_only,
-    load_vision_tower,
-    vision_config,
-)
+from vlray.families.checkpoint import Checkpoint, load_vision_tower, vision_config
 from vlray.families.siglip import IMAGENET_STANDARD, SiglipTextEncoder
 
 if TYPE_CHECKING:
@@ -103,7 +98,7 @@ class Siglip2ImageEncoder(ImageEncoder):
         return F.normalize(pooled.float(), dim=-1)
 
 
-class Siglip2Family(Family):
+class Siglip2Family(TwoTowerFamily):
     """SigLIP2 NaFlex: aspect-preserving resize to at most ``max_num_patches`` patches."""
 
     name = "siglip2"
@@ -174,15 +169,12 @@ class Siglip2Family(Family):
             out["pixel_attention_mask"] = mask
         return out
 
-    def load_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
+    def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """The SigLIP2 vision tower, unpadded groups, no mask."""
         return Siglip2ImageEncoder(self.checkpoint, device, dtype)
 
-    def load_text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
+    def _text_encoder(self, device: torch.device, dtype: torch.dtype) -> TextEncoder:
         """The SigLIP2 text tower (Gemma tokenizer), padded to 64 tokens."""
         from transformers import Siglip2Model
-
-        if is_vision_only(self.checkpoint):
-            return super().load_text_encoder(device, dtype)
 
         return SiglipTextEncoder(self.checkpoint, Siglip2Model, device, dtype)

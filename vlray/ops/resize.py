@@ -13,8 +13,20 @@ from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as tvF
 
-# Decoded arrays are read-only views of PIL buffers; torchvision only reads them.
-warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+
+def tensor_view(pixels: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy`` of an array that may be read-only, without torch's warning.
+
+    Decoded arrays are read-only views of PIL buffers and every caller here only reads them,
+    so a copy to make them writable would be wasted. The warning is silenced for this call
+    only (torch emits it once per process anyway); the global warning filters stay as they
+    were (a module-level ``filterwarnings`` would change them for every library).
+    """
+    if pixels.flags.writeable:
+        return torch.from_numpy(pixels)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(pixels)
 
 
 def resize_uint8(
@@ -47,9 +59,9 @@ def resize_uint8(
     if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ValueError(f"expected (H, W, 3) or (H, W, 4) pixels, got shape {pixels.shape}")
     if pixels.shape[:2] == tuple(size):
-        out = torch.from_numpy(pixels)
+        out = tensor_view(pixels)
     else:
-        out = _resize_hwc(torch.from_numpy(pixels), (int(size[0]), int(size[1])), interpolation)
+        out = _resize_hwc(tensor_view(pixels), (int(size[0]), int(size[1])), interpolation)
     if out.shape[2] == 4 and pack:
         return pack_rgb(out.numpy())
     return out.contiguous().numpy()
@@ -106,7 +118,7 @@ def pack_rgb(rgbx: np.ndarray) -> np.ndarray:
     """
     height, width = rgbx.shape[:2]
     if not rgbx.flags.c_contiguous or rgbx.dtype != np.uint8 or rgbx.shape[2] != 4:
-        return torch.from_numpy(np.ascontiguousarray(rgbx))[..., :3].contiguous().numpy()
+        return tensor_view(np.ascontiguousarray(rgbx))[..., :3].contiguous().numpy()
     image = Image.frombuffer("RGBX", (width, height), rgbx, "raw", "RGBX", 0, 1)
     return np.frombuffer(image.tobytes("raw", "RGB"), np.uint8).reshape(height, width, 3)
 

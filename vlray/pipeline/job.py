@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
-from vlray.families.base import Family
+from vlray.families.base import Capability, Family
 from vlray.families.fingerprint import hub_revision, weights_fingerprint
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.progress import Progress
@@ -621,7 +621,9 @@ def _run_job(
         sam_checkpoint = resolve_sam(config)
         if family_for(sam_checkpoint).produces_embeddings:
             raise CheckpointError(f"sam.name {config.sam.name!r} is not a SAM checkpoint")
-    if config.model.store_tokens and (checkpoint is None or family.name != "qwen2_vl"):
+    if config.model.store_tokens and (
+        checkpoint is None or not family.supports(Capability.TOKEN_MATRICES)
+    ):
         raise CheckpointError(f"model.store_tokens: {family.name} models have no token matrix")
     dim = family.embedding_dim if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"

@@ -9,19 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as tvF
 
 from vlray.config import InputConfig, S3Config, SamConfig
-from vlray.families import Checkpoint, UnsupportedImage, family_for
+from vlray.families import Capability, Checkpoint, UnsupportedImage, family_for
 from vlray.ops.decode import (
     DecodeError,
     decode_draft,
@@ -29,39 +25,35 @@ from vlray.ops.decode import (
     large_pil_blocks,
     plain_jpeg_size,
 )
-from vlray.ops.resize import center_crop_chw, center_crop_hwc, resize_uint8
 from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
-from vlray.schema import SYSTEMIC, TRANSIENT
+from vlray.pipeline.runtime import (
+    INPUT_ERRORS,
+    decode_group,
+    encode_batch,
+    group_failure,
+    resolve_dtype,
+    shape_groups,
+    stack_group,
+    to_device,
+)
+from vlray.schema import EMBEDDING_IMAGES, MASK_IMAGES, TRANSIENT, Col, StatCol, pass_through
 from vlray.storage import TransientError, fetch_bytes, scrub
 
 logger = logging.getLogger(__name__)
 
-
-HEADS = ("", "sam_")
-"""Column prefixes of the resized images: the embedding model's, and SAM's (one pass, two models)."""
-
-
-INPUT_ERRORS = (UnsupportedImage, ValueError, RuntimeError)
-"""Exceptions that one image can cause (torch reports bad shapes as RuntimeError); any other
-exception is a failure of the code or its environment."""
-
-
-def group_failure(
-    exc: BaseException, group: np.ndarray, stage: str, systemic: bool = False
-) -> tuple[str, str]:
-    """(error, stage) for the rows of a same-shape group whose preprocessing or forward raised.
-
-    One image can only be to blame when it is alone in its group and the exception is one an
-    image can cause: then it is an error row of ``stage``. Otherwise (a whole group failing with
-    one error, or a programming or environment error) the rows get stage ``systemic``: they are
-    not committed and the run stops (exit 1), so the rerun does them once the cause is fixed.
-    """
-    if systemic or len(group) > 1 or not isinstance(exc, INPUT_ERRORS):
-        example = f"{stage}: {type(exc).__name__}: {one_line(exc)}"
-        logger.error("%s failed for a group of %d rows: %s", stage, len(group), example)
-        return example, SYSTEMIC
-    return one_line(exc), stage
+__all__ = [
+    "INPUT_ERRORS",
+    "DecodeEncodeStage",
+    "DecodeStage",
+    "EncodeStage",
+    "MaskStage",
+    "decode_group",
+    "group_failure",
+    "resolve_dtype",
+    "stack_group",
+    "to_device",
+]
 
 
 class DecodeStage:
@@ -88,9 +80,10 @@ class DecodeStage:
         self.thumbnails = thumbnails
         self.draft = decode == "draft"
         self.gpu = decode == "gpu"  # plain JPEGs pass through encoded, for the encoder's GPU
+        # one decode feeds every model: the embedding model's images, the mask model's
         self.families = [
-            (prefix, family_for(c))
-            for prefix, c in zip(HEADS, (checkpoint, sam_checkpoint), strict=True)
+            (images.prefix, family_for(c))
+            for images, c in ((EMBEDDING_IMAGES, checkpoint), (MASK_IMAGES, sam_checkpoint))
             if c is not None
         ]
         self.max_pixels = max_pixels
@@ -224,15 +217,13 @@ class DecodeStage:
             for key in keys:
                 blank = b"" if key.endswith(("pixels", "thumb")) else 0
                 cols[key].append(row.get(key, blank))
-        table = {
-            "id": batch.column("id"),
-            "source": batch.column("source"),
-            "error": pa.array(errors, pa.string()),
-            "stage": pa.array(stages, pa.string()),
-            "prompts": batch.column("prompts"),
-            "decode_s": pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1))),
-            **{c: batch.column(c) for c in ("kept",) if c in batch.column_names},
-        }
+        # every input column passes through but the image bytes and the replaced error/stage
+        table = dict(zip(batch.column_names, batch.columns, strict=True))
+        for name in (Col.DATA, Col.URI, Col.ERROR, Col.STAGE):
+            table.pop(name, None)
+        table[Col.ERROR] = pa.array(errors, pa.string())
+        table[Col.STAGE] = pa.array(stages, pa.string())
+        table[StatCol.DECODE_S] = pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1)))
         for key in keys:
             typ = pa.binary() if key.endswith(("pixels", "thumb")) else pa.int32()
             table[key] = pa.array(cols[key], typ)
@@ -264,92 +255,37 @@ class EncodeStage:
         self.encoder = self.family.load_encoder(self.device, self.dtype)
         self.max_group_size = max_group_size
         self.store_tokens = store_tokens
-        if store_tokens and not hasattr(self.encoder, "merged_tokens"):
-            raise ValueError(
-                f"model.store_tokens: the {self.family.name} encoder has no token matrix"
-            )
+        if store_tokens:
+            self.family.require(Capability.TOKEN_MATRICES)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        n = len(batch["id"])
-        errors = batch["error"].astype(object)
-        stages = batch["stage"].astype(object)
-        embeddings = np.zeros((n, self.encoder.dim), dtype=np.float32)
-        group_size = np.zeros(n, dtype=np.int32)
-        tokens = np.full(n, b"", dtype=object)
-        grids = np.zeros((n, 2), dtype=np.int32)
-        ok = np.flatnonzero(errors == "")
-        keys = batch["th"][ok].astype(np.int64) * 1_000_000 + batch["tw"][ok]
-        encoded = batch.get("encoded")  # input.decode gpu: 1 where pixels holds JPEG bytes
-        pending: list[tuple[np.ndarray, torch.Tensor]] = []  # embeddings still on the device
-        for key in np.unique(keys):
-            rows = ok[keys == key]
-            th, tw = divmod(int(key), 1_000_000)
-            for s in range(0, len(rows), self.max_group_size):
-                group = rows[s : s + self.max_group_size]
-                try:
-                    if encoded is not None and encoded[group].any():
-                        images, group, failed = decode_group(
-                            batch["pixels"],
-                            group,
-                            encoded,
-                            (th, tw),
-                            self.device,
-                            self.family.interpolation,
-                            resize_size=self.family.resize_size,
-                        )
-                        for row, (message, stage) in failed.items():
-                            errors[row], stages[row] = message, stage
-                        if not len(group):
-                            continue
-                    else:
-                        images = stack_group(batch["pixels"], group, (th, tw), self.device)
-                    inputs = self.family.preprocess(images)
-                except Exception as exc:  # a bad group must not lose the batch
-                    errors[group], stages[group] = group_failure(exc, group, "preprocess")
-                    continue
-                try:
-                    if self.store_tokens:
-                        matrix = self.encoder.merged_tokens(inputs).float().cpu()
-                        vectors = torch.nn.functional.normalize(matrix.mean(dim=1), dim=-1)
-                        embeddings[group] = vectors.numpy()
-                        cell = self.family.patch_size * self.family.merge_size
-                        for j, i in enumerate(group):
-                            tokens[i] = matrix[j].numpy().tobytes()
-                            grids[i] = (th // cell, tw // cell)
-                        group_size[group] = len(group)
-                    else:
-                        pending.append((group, self.encoder.embed(inputs)))
-                except torch.cuda.OutOfMemoryError:
-                    raise
-                except Exception as exc:
-                    errors[group], stages[group] = group_failure(exc, group, "encode")
-        if pending:
-            try:
-                with torch.inference_mode():  # one copy back (and wait) per batch
-                    vectors = torch.cat([v for _, v in pending]).cpu().numpy()
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:  # an asynchronous device error surfaces here
-                for group, _ in pending:
-                    errors[group], stages[group] = group_failure(exc, group, "encode", True)
-            else:
-                start_row = 0
-                for group, _ in pending:
-                    embeddings[group] = vectors[start_row : start_row + len(group)]
-                    group_size[group] = len(group)
-                    start_row += len(group)
-        out = {k: v for k, v in batch.items() if k not in ("pixels", "th", "tw", "encoded")}
+        n = len(batch[Col.ID])
+        images = EMBEDDING_IMAGES
+        result = encode_batch(
+            self.family,
+            self.encoder,
+            batch[images.pixels],
+            (batch[images.th], batch[images.tw]),
+            batch[Col.ERROR],
+            batch[Col.STAGE],
+            max_group_size=self.max_group_size,
+            encoded=batch.get(Col.ENCODED),
+            store_tokens=self.store_tokens,
+        )
+        out = pass_through(batch, (*images.names, Col.ENCODED))
         out.update(
-            embedding=embeddings,
-            error=errors.astype(str),
-            stage=stages.astype(str),
-            group_size=group_size,
-            batch_rows=np.full(n, n, dtype=np.int32),
-            encode_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
+            {
+                Col.EMBEDDING: result.embeddings,
+                Col.ERROR: result.errors.astype(str),
+                Col.STAGE: result.stages.astype(str),
+                StatCol.GROUP_SIZE: result.group_size,
+                StatCol.BATCH_ROWS: np.full(n, n, dtype=np.int32),
+                StatCol.ENCODE_S: np.full(n, (time.perf_counter() - start) / max(n, 1)),
+            }
         )
         if self.store_tokens:
-            out.update(tokens=tokens, token_grid=grids)
+            out.update({Col.TOKENS: result.tokens, Col.TOKEN_GRID: result.grids})
         return out
 
 
@@ -448,7 +384,7 @@ class MaskStage:
             raise ValueError("no points or boxes in this row (sam.mode is prompted)")
         if has_prompts and cfg.mode != "automatic":
             points, labels, boxes = _prompt_tensors(cells)
-            points, labels, boxes = self.family.scale_prompts(points, labels, boxes, original)
+            points, labels, boxes = self.generator.scale_prompts(points, labels, boxes, original)
             return self.generator.prompted(
                 embedding,
                 None if points is None else points[0].float(),
@@ -481,180 +417,37 @@ class MaskStage:
         stages = batch["stage"].astype(object)
         masks = np.full(n, "", dtype=object)
         counts = np.zeros(n, dtype=np.int32)
+        images = MASK_IMAGES
         ok = np.flatnonzero(errors == "")
-        keys = batch["sam_th"][ok].astype(np.int64) * 1_000_000 + batch["sam_tw"][ok]
-        for key in np.unique(keys):
-            rows = ok[keys == key]
-            th, tw = divmod(int(key), 1_000_000)
-            for s in range(0, len(rows), self.settings.batch_size):
-                group = rows[s : s + self.settings.batch_size]
+        size_columns = (batch[images.th], batch[images.tw])
+        for size, group in shape_groups(*size_columns, ok, self.settings.batch_size):
+            try:
+                pixels = stack_group(batch[images.pixels], group, size, self.device)
+                inputs = self.family.preprocess(pixels)
+                embeddings = self.generator.image_embeddings(inputs["pixel_values"])
+            except Exception as exc:  # a bad group must not lose the batch
+                errors[group], stages[group] = group_failure(exc, group, "encode")
+                continue
+            for j, i in enumerate(group):
+                original = (int(batch[Col.HEIGHT][i]), int(batch[Col.WIDTH][i]))
                 try:
-                    images = stack_group(batch["sam_pixels"], group, (th, tw), self.device)
-                    inputs = self.family.preprocess(images)
-                    embeddings = self.generator.image_embeddings(inputs["pixel_values"])
-                except Exception as exc:  # a bad group must not lose the batch
-                    errors[group], stages[group] = group_failure(exc, group, "encode")
+                    records = self._masks(embeddings[j], str(batch[Col.PROMPTS][i]), original, size)
+                except (ValueError, RuntimeError, TypeError) as exc:
+                    errors[i], stages[i] = (
+                        one_line(exc),
+                        "preprocess" if isinstance(exc, (ValueError, TypeError)) else "encode",
+                    )
                     continue
-                for j, i in enumerate(group):
-                    original = (int(batch["height"][i]), int(batch["width"][i]))
-                    try:
-                        records = self._masks(
-                            embeddings[j], str(batch["prompts"][i]), original, (th, tw)
-                        )
-                    except (ValueError, RuntimeError, TypeError) as exc:
-                        errors[i], stages[i] = (
-                            one_line(exc),
-                            "preprocess" if isinstance(exc, (ValueError, TypeError)) else "encode",
-                        )
-                        continue
-                    masks[i] = json.dumps(records)
-                    counts[i] = len(records)
-        out = {k: v for k, v in batch.items() if k not in ("sam_pixels", "sam_th", "sam_tw")}
+                masks[i] = json.dumps(records)
+                counts[i] = len(records)
+        out = pass_through(batch, images.names)
         out.update(
-            masks=masks.astype(str),
-            mask_count=counts,
-            error=errors.astype(str),
-            stage=stages.astype(str),
-            mask_s=np.full(n, (time.perf_counter() - start) / max(n, 1)),
+            {
+                Col.MASKS: masks.astype(str),
+                Col.MASK_COUNT: counts,
+                Col.ERROR: errors.astype(str),
+                Col.STAGE: stages.astype(str),
+                StatCol.MASK_S: np.full(n, (time.perf_counter() - start) / max(n, 1)),
+            }
         )
         return out
-
-
-def stack_group(
-    cells: np.ndarray | list[Any], rows: np.ndarray, size: tuple[int, int], device: torch.device
-) -> torch.Tensor:
-    """Rows' packed RGB pixel cells (bytes or uint8 arrays) of one target size -> uint8
-    (B, 3, H, W) on ``device``.
-
-    A channels-last view of one stacked copy. For a GPU the copy goes to page-locked host
-    memory and on to the device without blocking: the GPU gets uint8 (a quarter of the float32
-    bytes) and preprocesses there, while the CPU goes on to the next group. Torch's pinned
-    allocator keeps the buffer until its copy is done.
-
-    Raises:
-        ValueError: a cell whose length is not ``height * width * 3``.
-    """
-    height, width = size
-    pinned = device.type == "cuda"
-    host = torch.empty((len(rows), height, width, 3), dtype=torch.uint8, pin_memory=pinned)
-    view = host.numpy()
-    for slot, row in enumerate(rows):
-        view[slot] = np.frombuffer(cells[row], np.uint8).reshape(height, width, 3)
-    images = to_device(host, device) if pinned else host
-    return images.permute(0, 3, 1, 2)
-
-
-def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A page-locked CPU tensor -> ``device``, copied on a side stream.
-
-    On the compute stream the copy would run only after the forward queued before it; on its
-    own stream it runs alongside that forward (the previous group's), and only the compute
-    work queued after it waits for it.
-    """
-    compute = torch.cuda.current_stream(device)
-    side = _copy_stream(device)
-    # no wait for compute first: the side stream allocates from its own pool, whose blocks
-    # the caching allocator hands out again only after the streams recorded on them are done
-    with torch.cuda.stream(side):
-        out = host.to(device, non_blocking=True)
-    compute.wait_stream(side)
-    out.record_stream(compute)  # allocated on the side stream, used (and freed) on compute
-    return out
-
-
-@lru_cache(maxsize=8)
-def _copy_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
-
-
-GPU_DECODE_CHUNK = 64
-"""JPEGs decoded per batched call: bounds the full-size frames held on the device at once."""
-
-
-def decode_group(
-    cells: np.ndarray,
-    rows: np.ndarray,
-    encoded: np.ndarray,
-    size: tuple[int, int],
-    device: torch.device,
-    interpolation: InterpolationMode,
-    resize_size: Callable[[int, int], tuple[int, int]] | None = None,
-) -> tuple[torch.Tensor, np.ndarray, dict[int, tuple[str, str]]]:
-    """Rows of one target size, some holding JPEG bytes (``encoded``), -> uint8 (B, 3, H, W)
-    on ``device``, the rows it holds, and ``{row: (error, stage)}`` for the rows it dropped.
-
-    ``input.decode: gpu``: the JPEGs are decoded by torchvision's batched ``decode_jpeg`` on
-    ``device`` (nvJPEG on a GPU) and resized there (antialiased, the family's filter); a
-    chunk the decoder refuses is retried image by image, and an image it refuses is decoded
-    on the CPU as ``exact`` does (PIL's error for bad data). Rows holding pixels are used as
-    they are; everything from the host goes to the device in one ``stack_group`` copy.
-    With ``resize_size`` (the family's, for families that crop) each JPEG is resized to
-    ``resize_size(h, w)`` and centre-cropped to ``size``; without, resized to ``size``.
-    """
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    height, width = size
-    fit = resize_size or (lambda h, w: size)
-    jpegs = [int(r) for r in rows if encoded[r]]
-    decoded: dict[int, torch.Tensor | None] = {}
-    for s in range(0, len(jpegs), GPU_DECODE_CHUNK):
-        chunk = jpegs[s : s + GPU_DECODE_CHUNK]
-        datas = [torch.frombuffer(bytearray(cells[r]), dtype=torch.uint8) for r in chunk]
-        try:
-            frames = list(decode_jpeg(datas, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
-            frames = []
-            for data in datas:
-                try:
-                    frames.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-                except RuntimeError:
-                    frames.append(None)
-        for r, frame in zip(chunk, frames, strict=True):
-            decoded[r] = None if frame is None else _fit_frame(frame, size, interpolation, fit)
-    # the rest (pixels from the decode stage, JPEGs the device refused) as uint8 arrays on the
-    # host, then stacked and copied in one go (per-image blocking copies would wait for the
-    # device's queue each time)
-    failed: dict[int, tuple[str, str]] = {}
-    host: dict[int, Any] = {}
-    for r in (int(r) for r in rows):
-        if decoded.get(r) is not None:
-            continue
-        try:
-            if r not in decoded:  # packed pixels from the decode stage (a view)
-                host[r] = np.frombuffer(cells[r], np.uint8).reshape(height, width, 3)
-            else:
-                pixels = decode_pixels(cells[r], max_pixels=1 << 62)  # limit checked already
-                resized = resize_uint8(pixels, fit(*pixels.shape[:2]), interpolation)
-                host[r] = center_crop_hwc(resized, size)
-        except DecodeError as exc:
-            failed[r] = (one_line(exc), "decode")
-        except ValueError as exc:
-            failed[r] = (one_line(exc), "preprocess")
-    if host:
-        uploaded = stack_group(list(host.values()), np.arange(len(host)), size, device)
-        decoded.update(zip(host, uploaded, strict=True))
-    kept = np.array([r for r in rows if decoded.get(int(r)) is not None], dtype=rows.dtype)
-    if not len(kept):
-        return torch.empty((0, 3, height, width), dtype=torch.uint8), kept, failed
-    return torch.stack([decoded[int(r)] for r in kept]), kept, failed
-
-
-def _fit_frame(
-    frame: torch.Tensor,
-    size: tuple[int, int],
-    interpolation: InterpolationMode,
-    resize_size: Callable[[int, int], tuple[int, int]],
-) -> torch.Tensor:
-    """A decoded (3, H, W) uint8 frame resized to ``resize_size(H, W)`` (antialiased) and
-    centre-cropped to ``size``, on its device."""
-    shape = tuple(resize_size(*frame.shape[1:]))
-    if tuple(frame.shape[1:]) != shape:
-        frame = tvF.resize(frame, list(shape), interpolation, antialias=True)
-    return center_crop_chw(frame, size)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPU and fp32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)

@@ -20,11 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import torch
 
+from vlray.encoders import Encoders
 from vlray.index.build import MANIFEST_FILE
 from vlray.index.search import IdLookup
-from vlray.ops.decode import decode_image
 from vlray.query import QueryError, Searcher
 from vlray.schema import thumbnail_name
 from vlray.serve.masks import MaskLookup
@@ -92,83 +91,8 @@ class ItemSizes:
         return cls(pa.concat_tables(tables))
 
 
-class Models:
-    """The family and its encoders for one model, each loaded once, on first use.
-
-    Encoders are not assumed thread-safe (fast tokenizers are not): one lock per encoder
-    serialises loading and forward passes.
-    """
-
-    def __init__(self, family_of: Callable[[], Any], on_load: Callable[[str, float], None]):
-        self._family_of = family_of
-        self._on_load = on_load
-        self._family: Any = None
-        self._image: Any = None
-        self._text: Any = None
-        self._family_lock = threading.Lock()
-        self._image_lock = threading.Lock()
-        self._text_lock = threading.Lock()
-        self.load_seconds: dict[str, float] = {}
-
-    @property
-    def family(self) -> Any:
-        """The model family (resolves the checkpoint; raises QueryError when it is missing)."""
-        with self._family_lock:
-            if self._family is None:
-                self._family = self._family_of()
-            return self._family
-
-    def _loaded(self, kind: str, start: float) -> None:
-        seconds = time.perf_counter() - start
-        self.load_seconds[kind] = seconds
-        self._on_load(kind, seconds)
-        logger.info("loaded %s encoder in %.2fs", kind, seconds)
-
-    def encode_text(self, text: str) -> tuple[np.ndarray, Any]:
-        """A text query's unit vector and the encoder's ``probability`` function.
-
-        Raises:
-            NotImplementedError: the family has no text tower.
-        """
-        with self._text_lock:
-            if self._text is None:
-                start = time.perf_counter()
-                self._text = self.family.load_text_encoder(torch.device("cpu"), torch.float32)
-                self._loaded("text", start)
-            vector = self._text.encode([text])[0].numpy()
-            return vector, self._text.probability
-
-    def encode_image(self, data: bytes, max_pixels: int) -> np.ndarray:
-        """An encoded image's unit vector, preprocessed exactly as ``Searcher.by_image`` does.
-
-        Raises:
-            DecodeError: not an image, corrupt, or over ``max_pixels``.
-            UnsupportedImage: the model rejects its shape.
-        """
-        family = self.family
-        pixels = decode_image(data, max_pixels=max_pixels)
-        resized = family.fit(pixels)  # resize, and crop where the family crops
-        inputs = family.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None])
-        with self._image_lock:
-            if self._image is None:
-                start = time.perf_counter()
-                self._image = family.load_encoder(torch.device("cpu"), torch.float32)
-                self._loaded("image", start)
-            return self._image.encode(inputs)[0].numpy()
-
-    def preload(self) -> None:
-        """Loads both encoders now (text only when the family has a text tower)."""
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (64, 48), (128, 96, 64)).save(buf, format="PNG")
-        self.encode_image(buf.getvalue(), 10_000_000)
-        try:
-            self.encode_text("a photo")
-        except NotImplementedError:
-            pass
+Models = Encoders
+"""The served model's encoders: the same holder as the query CLI's (:class:`Encoders`)."""
 
 
 @dataclass
@@ -176,7 +100,7 @@ class Snapshot:
     """One loaded index with everything a request needs about it."""
 
     searcher: Searcher
-    models: Models
+    models: Encoders
     sizes: ItemSizes
     thumbnails: Location | None
     manifest_bytes: bytes
@@ -288,7 +212,8 @@ class IndexHolder:
         if current is not None and _model_key(current.manifest) == _model_key(searcher.manifest):
             models = current.models  # same model: keep the encoders already in memory
         else:
-            models = Models(lambda: searcher.family, self._on_model_load)
+            models = Encoders(searcher.resolve_family, self._on_model_load)
+        searcher.encoders = models  # one holder per model, shared by the snapshot's searcher
         sizes = ItemSizes.load(self._out.join("embeddings"))
         thumbs = self._out.join("thumbnails")
         info = thumbs.fs.get_file_info(thumbs.path)

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
-from vlray.families.base import Family
+from vlray.families.base import Capability
 from vlray.query import QueryError
 from vlray.serve.deps import ItemId, ServicesDep, SnapshotDep, masks_link, thumbnail_link
 from vlray.serve.public import model_name
@@ -25,7 +25,7 @@ def _has_text_tower(snap: Snapshot) -> bool:
         family = snap.models.family
     except QueryError:
         return False
-    return type(family).load_text_encoder is not Family.load_text_encoder
+    return family.supports(Capability.TEXT_EMBEDDINGS)  # the checkpoint, not the class
 
 
 def _known(snap: Snapshot, item_id: str) -> None:
