@@ -51,7 +51,7 @@ def test_a_signal_during_a_held_section_stops_at_its_end():
 
 
 def test_the_cli_prints_one_line_and_exits_130_on_ctrl_c(monkeypatch, capsys, tmp_path):
-    def stopped(config):
+    def stopped(config, *args, **kwargs):
         raise RunStopped(signal.SIGINT, 7)
 
     monkeypatch.setattr("vlray.pipeline.job.run_job", stopped)
