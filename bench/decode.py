@@ -30,7 +30,6 @@ from vlray.ops.decode import (
     large_pil_blocks,
     rgb_pixels,
 )
-from vlray.ops.resize import resize_uint8
 from vlray.testing.images import sample_photos
 
 SIZES = {"640x480": (640, 480), "2000x1500": (2000, 1500)}
@@ -85,7 +84,6 @@ def main() -> None:
     ckpt = save_tiny_siglip2(tmp / "ckpt", max_num_patches=256)
     family = family_for(resolve_checkpoint(str(ckpt)))
     encoder = family.load_encoder(torch.device("cpu"), torch.float32)
-    interp = family.interpolation
 
     print(
         f"torch threads 1; {args.images} JPEGs (q90) per size; best of {args.repeat}; "
@@ -96,21 +94,24 @@ def main() -> None:
         blobs = make_jpegs(size, args.images)
         target = family.target_size(size[1], size[0])
 
-        def full(b, target=target):
-            return resize_uint8(decode_image(b, max_pixels=10**9), target, interp)
+        # every "+resize" is family.fit: the decode actors' resize (and crop, where the
+        # family crops), from the source size even when the decode was a draft reduction
+        source = (size[1], size[0])
 
-        def draft(b, target=target):
-            return resize_uint8(pil_draft(b, target), target, interp)
+        def full(b):
+            return family.fit(decode_image(b, max_pixels=10**9))
 
-        def tv(b, target=target):
-            chw = tv_decode(b)
-            return resize_uint8(chw.permute(1, 2, 0).numpy(), target, interp)
+        def draft(b, target=target, source=source):
+            return family.fit(pil_draft(b, target), source)
+
+        def tv(b):
+            return family.fit(tv_decode(b).permute(1, 2, 0).contiguous().numpy())
 
         def viewed(b):
             return rgb_pixels(decode_rgb(b, max_pixels=10**9))
 
-        def viewed_resize(b, target=target):
-            return resize_uint8(viewed(b), target, interp)
+        def viewed_resize(b):
+            return family.fit(viewed(b))
 
         rows = [
             ("PIL full (decode_image)", lambda b: decode_image(b, max_pixels=10**9), full),
@@ -118,9 +119,7 @@ def main() -> None:
             (
                 "vlray decode_pixels",
                 lambda b: decode_pixels(b, max_pixels=10**9),
-                lambda b, target=target: resize_uint8(
-                    decode_pixels(b, max_pixels=10**9), target, interp
-                ),
+                lambda b: family.fit(decode_pixels(b, max_pixels=10**9)),
             ),
             ("PIL draft", lambda b, target=target: pil_draft(b, target), draft),
             ("torchvision decode_jpeg", tv_decode, tv),

@@ -29,7 +29,6 @@ from PIL import Image
 from vlray.families import family_for, resolve_checkpoint
 from vlray.families.checkpoint import load_model
 from vlray.ops.decode import decode_image, probe_image
-from vlray.ops.resize import resize_uint8
 from vlray.testing.images import sample_photos
 
 DECODE_BATCH, MAX_GROUP = 32, 256
@@ -89,7 +88,7 @@ def corpus_stats(family, sizes: list[tuple[int, int]]) -> None:
 def group_inputs(family, blobs):
     images = [decode_image(b, max_pixels=10**9) for b in blobs]
     size = family.target_size(*images[0].shape[:2])
-    arrays = [resize_uint8(i, size, family.interpolation) for i in images]
+    arrays = [family.fit(i) for i in images]  # resize (and crop, for families that crop)
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return images, family.preprocess(batch), size
 

@@ -46,7 +46,6 @@ from PIL import Image
 from vlray.families import family_for, resolve_checkpoint
 from vlray.families.checkpoint import load_model
 from vlray.ops.decode import rgb_pixels
-from vlray.ops.resize import resize_uint8
 from vlray.pipeline.stages import stack_group, to_device
 
 ARCH = "siglip2-base-patch16-naflex"
@@ -103,9 +102,7 @@ def in_process(batch: int, repeat: int, device: torch.device) -> dict:
     # vlray: uint8 resize on the CPU (decode actors), over the machine's cores
     with ThreadPoolExecutor(8) as pool:
         t_resize, resized = benchutil.best_of(
-            lambda: list(
-                pool.map(lambda i: resize_uint8(rgb_pixels(i), size, family.interpolation), images)
-            ),
+            lambda: list(pool.map(lambda i: family.fit(rgb_pixels(i)), images)),
             repeat,
         )
     cells = np.array([r.tobytes() for r in resized], dtype=object)

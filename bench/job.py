@@ -29,7 +29,6 @@ from PIL import Image
 from vlray.config import build_config
 from vlray.families import family_for, resolve_checkpoint
 from vlray.ops.decode import decode_image, decode_pixels, decode_rgb, rgb_pixels
-from vlray.ops.resize import resize_uint8
 from vlray.testing.checkpoints import save_tiny_siglip2
 from vlray.testing.images import sample_photos
 
@@ -70,15 +69,15 @@ def decode_limit(path: Path, family, seconds: float = 3.0, repeat: int = 3) -> f
 
     def plain(blob):
         img = decode_image(blob, max_pixels=10**9)
-        resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+        family.fit(img)  # the decode actors' resize (and crop, for families that crop)
 
     def viewed(blob):
         img = rgb_pixels(decode_rgb(blob, max_pixels=10**9))
-        resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+        family.fit(img)  # the decode actors' resize (and crop, for families that crop)
 
     def fast(blob):  # vlray's decode stage: torchvision's JPEG decode where it is identical
         img = decode_pixels(blob, max_pixels=10**9)
-        resize_uint8(img, family.target_size(*img.shape[:2]), family.interpolation)
+        family.fit(img)  # the decode actors' resize (and crop, for families that crop)
 
     best = 0.0
     for _ in range(repeat):

@@ -38,11 +38,11 @@ TARGET = 5.0  # SPEC 9: >= 5x the reference processor on CPU, for each family
 
 
 def group_resize(family, images):
-    """target_size per image, uint8 resize (as the decode actors do), grouped by shape."""
+    """target_size per image, ``family.fit`` (the decode actors' uint8 resize, and the centre
+    crop where the family crops), grouped by shape."""
     groups = defaultdict(list)
     for image in images:
-        size = family.target_size(*image.shape[:2])
-        groups[size].append(resize_uint8(image, size, family.interpolation))
+        groups[family.target_size(*image.shape[:2])].append(family.fit(image))
     return groups
 
 
@@ -79,12 +79,7 @@ def breakdown(family, pils, repeat):
         lambda: [family.target_size(*i.shape[:2]) for i in images], repeat
     )
     sizes = [family.target_size(*i.shape[:2]) for i in images]
-    t_resize, resized = benchutil.best_of(
-        lambda: [
-            resize_uint8(i, s, family.interpolation) for i, s in zip(images, sizes, strict=True)
-        ],
-        repeat,
-    )
+    t_resize, resized = benchutil.best_of(lambda: [family.fit(i) for i in images], repeat)
     t_resize_rgb, _ = benchutil.best_of(
         lambda: [resize_uint8(i, s, family.interpolation) for i, s in zip(rgb, sizes, strict=True)],
         repeat,

@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlray.families import family_for, resolve_checkpoint  # noqa: E402
 from vlray.ops.decode import decode_image  # noqa: E402
-from vlray.ops.resize import resize_uint8  # noqa: E402
 from vlray.testing.checkpoints import save_tiny_sam  # noqa: E402
 from vlray.testing.images import sample_photos  # noqa: E402
 
@@ -66,7 +65,7 @@ def main() -> None:
         t_ref += time.perf_counter() - start
         start = time.perf_counter()
         size = family.target_size(h, w)
-        resized = torch.from_numpy(resize_uint8(image, size, family.interpolation)).permute(2, 0, 1)
+        resized = torch.from_numpy(family.fit(image)).permute(2, 0, 1)
         embeddings = generator.image_embeddings(family.preprocess(resized[None])["pixel_values"])
         records = generator.automatic(
             embeddings[0],
