@@ -91,3 +91,13 @@ def test_help_is_fast_and_loads_no_torch():
     assert done.returncode == 0, done.stderr
     assert "--verbose" in done.stdout and done.stdout.strip().endswith("False")
     assert time.perf_counter() - start < 3.0
+
+
+def test_text_queries_are_offered_only_for_models_with_a_text_tower(siglip2_checkpoint, tmp_path):
+    from vlray.families import family_for, resolve_checkpoint
+    from vlray.pipeline.job import can_embed_text
+    from vlray.testing.checkpoints import save_tiny_qwen2_vl
+
+    qwen = save_tiny_qwen2_vl(tmp_path / "qwen")
+    assert can_embed_text(family_for(resolve_checkpoint(str(siglip2_checkpoint))))
+    assert not can_embed_text(family_for(resolve_checkpoint(str(qwen))))
