@@ -29,8 +29,11 @@ def _torch_threads():
     torch.set_num_threads(threads)
 
 
-def _decoded(checkpoint, photos: int = 10, decode: str = "exact", blobs=None) -> dict:
-    """A decoded batch as the encoder receives it (DecodeStage output as NumPy columns)."""
+def _decoded(
+    checkpoint, photos: int = 10, decode: str = "exact", blobs=None, extra: bool = False
+) -> dict:
+    """A decoded batch as the encoder receives it (DecodeStage output as NumPy columns);
+    ``extra`` adds a column ``meta`` no stage knows (b"k<row>") to the input rows."""
     if blobs is None:
         blobs = [blob for _, blob in sample_photos(photos, seed=3)]
         blobs.append(blobs[0])  # a duplicate: one group of more than one row
@@ -47,6 +50,8 @@ def _decoded(checkpoint, photos: int = 10, decode: str = "exact", blobs=None) ->
         },
         schema=ROW_SCHEMA,
     )
+    if extra:
+        rows = rows.append_column("meta", pa.array([f"k{i}".encode() for i in range(n)]))
     stage = DecodeStage(resolve_checkpoint(str(checkpoint)), 10**8, S3Config(), decode=decode)
     table = stage(rows)
     return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
@@ -93,6 +98,20 @@ def test_encode_stage_matches_per_group_encoding(siglip2_checkpoint):
     assert np.allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, atol=1e-5)
     assert out["group_size"].min() >= 1 and out["group_size"].max() <= 2
     assert (out["batch_rows"] == n).all()
+
+
+def test_columns_no_stage_produces_pass_through_with_their_rows(siglip2_checkpoint):
+    """Kept input columns travel untouched: the decode stage reorders rows by shape and the
+    encoder drops only what it consumes; each row keeps its own cell."""
+    blobs = [blob for _, blob in sample_photos(6, seed=3)] + [b"not an image"]
+    batch = _decoded(siglip2_checkpoint, blobs=blobs, extra=True)
+    assert list(batch["th"]) == sorted(batch["th"])  # rows were reordered by shape
+    assert [bytes(k) for k in batch["meta"]] == [f"k{i[1:]}".encode() for i in batch["id"]]
+    stage = EncodeStage(resolve_checkpoint(str(siglip2_checkpoint)), "cpu", "float32", 4, 1)
+    out = stage(batch)
+    assert [bytes(k) for k in out["meta"]] == [f"k{i[1:]}".encode() for i in out["id"]]
+    assert {"pixels", "th", "tw", "data", "uri"}.isdisjoint(out)
+    assert sorted(out["id"][out["error"] != ""]) == ["r6"]
 
 
 def test_encode_stage_bad_cell_fails_its_group_only(siglip2_checkpoint):
