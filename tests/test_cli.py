@@ -58,6 +58,9 @@ def test_summary_lists_written_folders_and_labels_random_weights(capsys):
     assert "  written    /o/embeddings/  /o/thumbnails/  /o/index/  /o/_summary.json\n" in printed
     assert "errors/" not in printed
     assert "[random weights: results are not meaningful]" in printed and "demo" not in printed
+    print_summary(_summary(errors=3, errors_by_stage={"decode": 2, "encode": 1}), _config())
+    printed = capsys.readouterr().out
+    assert "  errors     2 decode, 1 encode  (one line each in /o/errors/)\n" in printed
 
 
 def test_written_folders_come_from_this_runs_counts():

@@ -148,7 +148,8 @@ def print_summary(summary: dict[str, Any], config: JobConfig) -> None:
         if note:
             lines.append(f"             {note}")
     if summary["errors"]:
-        lines.append(f"  errors     by stage: {summary['errors_by_stage']}  (see {out}/errors/)")
+        stages = ", ".join(f"{n} {stage}" for stage, n in summary["errors_by_stage"].items())
+        lines.append(f"  errors     {stages}  (one line each in {out}/errors/)")
     b = summary["buckets"]
     lines += [
         f"  speed      {summary['images_per_second']} images/s over {summary['job_seconds']} s (wall {summary['wall_seconds']} s incl. index)",

@@ -36,7 +36,6 @@ def prepare_demo(home: Path | None = None, n_images: int = DEMO_IMAGES) -> tuple
     Returns:
         (parquet path, checkpoint folder).
     """
-    from vlray.testing.checkpoints import save_tiny_siglip2
     from vlray.testing.images import sample_photos, unusual_images
 
     home = home or demo_home()
@@ -58,6 +57,22 @@ def prepare_demo(home: Path | None = None, n_images: int = DEMO_IMAGES) -> tuple
         tmp.replace(data)
     if not (model / "config.json").exists():
         tmp_model = model.with_name(model.name + ".tmp")
-        save_tiny_siglip2(tmp_model, max_num_patches=64, random_marker=True)
+        _save_quietly(tmp_model)
         tmp_model.replace(model)
     return data, model
+
+
+def _save_quietly(folder: Path) -> None:
+    """The tiny checkpoint, without transformers' "Writing model shards" bar (a one-shard
+    save of a few kilobytes)."""
+    from transformers.utils import logging as hf_logging
+
+    from vlray.testing.checkpoints import save_tiny_siglip2
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        save_tiny_siglip2(folder, max_num_patches=64, random_marker=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
