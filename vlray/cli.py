@@ -198,7 +198,8 @@ def _embed(argv: list[str], verbose: bool, terminal: Any) -> int:
                 )
             from vlray.pipeline.job import run_job
 
-            summary = run_job(config, Progress(terminal), quiet=not verbose)
+            progress = Progress(terminal) if terminal is not None else None  # no stderr
+            summary = run_job(config, progress, quiet=not verbose)
     except StopRequested as stop:  # before the run began
         exc = RunStopped(stop.signum, 0)
         print(exc, file=sys.stderr)

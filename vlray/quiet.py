@@ -124,7 +124,13 @@ def quiet_stderr(enabled: bool = True) -> Iterator[IO[str]]:
         yield sys.stderr
         return
     quiet_loggers()
-    filtered = StderrFilter().start()
+    try:  # a descriptor-level filter needs POSIX pipes and a usable stderr
+        filtered = StderrFilter().start() if os.name == "posix" else None
+    except (OSError, AttributeError, ValueError):  # stderr closed or None
+        filtered = None
+    if filtered is None:
+        yield sys.stderr
+        return
     try:
         yield filtered.terminal
     finally:
