@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlray.families import family_for, resolve_checkpoint
+from vlray.families.batch import preprocess_images
 from vlray.families.checkpoint import load_model
 from vlray.ops.decode import decode_image, probe_image
 from vlray.testing.images import sample_photos
@@ -88,9 +89,9 @@ def corpus_stats(family, sizes: list[tuple[int, int]]) -> None:
 def group_inputs(family, blobs):
     images = [decode_image(b, max_pixels=10**9) for b in blobs]
     size = family.target_size(*images[0].shape[:2])
-    arrays = [family.fit(i) for i in images]  # resize (and crop, for families that crop)
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-    return images, family.preprocess(batch), size
+    # the one image-to-inputs path (fit, then one preprocess per same-shape group)
+    [(_, inputs)] = preprocess_images(family, images)
+    return images, inputs, size
 
 
 def time_encoders(label, checkpoint, blobs_by_shape, batch: int, repeat: int) -> None:

@@ -21,6 +21,7 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from vlray.families import family_for, resolve_checkpoint  # noqa: E402
+from vlray.families.batch import preprocess_images  # noqa: E402
 from vlray.ops.decode import decode_image  # noqa: E402
 from vlray.testing.checkpoints import save_tiny_sam  # noqa: E402
 from vlray.testing.images import sample_photos  # noqa: E402
@@ -65,8 +66,8 @@ def main() -> None:
         t_ref += time.perf_counter() - start
         start = time.perf_counter()
         size = family.target_size(h, w)
-        resized = torch.from_numpy(family.fit(image)).permute(2, 0, 1)
-        embeddings = generator.image_embeddings(family.preprocess(resized[None])["pixel_values"])
+        [(_, inputs)] = preprocess_images(family, [image])  # the one image-to-inputs path
+        embeddings = generator.image_embeddings(inputs["pixel_values"])
         records = generator.automatic(
             embeddings[0],
             (h, w),

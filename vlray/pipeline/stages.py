@@ -82,7 +82,7 @@ class DecodeStage:
         self.gpu = decode == "gpu"  # plain JPEGs pass through encoded, for the encoder's GPU
         # one decode feeds every model: the embedding model's images, the mask model's
         self.families = [
-            (images.prefix, family_for(c))
+            (images, family_for(c))
             for images, c in ((EMBEDDING_IMAGES, checkpoint), (MASK_IMAGES, sam_checkpoint))
             if c is not None
         ]
@@ -151,25 +151,25 @@ class DecodeStage:
             # decode_pixels probes the header (pixel limit) before decoding, then decodes
             # plain JPEGs with torchvision (same pixels as PIL, faster) and the rest with PIL
             if self.draft:
-                pixels, (row["height"], row["width"]) = decode_draft(
+                pixels, (row[Col.HEIGHT], row[Col.WIDTH]) = decode_draft(
                     data, max_pixels=self.max_pixels, needed=self._needed
                 )
             else:
                 pixels = decode_pixels(data, max_pixels=self.max_pixels)
-                row["height"], row["width"] = pixels.shape[:2]
+                row[Col.HEIGHT], row[Col.WIDTH] = pixels.shape[:2]
         except DecodeError as exc:
             return one_line(exc), "decode"
-        for prefix, family in self.families:
+        for images, family in self.families:
             try:
-                resized = family.fit(pixels, (row["height"], row["width"]))
+                resized = family.fit(pixels, (row[Col.HEIGHT], row[Col.WIDTH]))
                 th, tw = resized.shape[:2]
             except (UnsupportedImage, ValueError, RuntimeError) as exc:
                 return one_line(exc), "preprocess"
-            row[f"{prefix}th"], row[f"{prefix}tw"] = th, tw
+            row[images.th], row[images.tw] = th, tw
             # a flat view: pa.array copies it once into the column (tobytes was a copy more)
-            row[f"{prefix}pixels"] = resized.reshape(-1).data
+            row[images.pixels] = resized.reshape(-1).data
         if self.thumbnails:
-            row["thumb"] = make_thumbnail(pixels, self.thumbnails)
+            row[Col.THUMB] = make_thumbnail(pixels, self.thumbnails)
         return "", ""
 
     def _pass_encoded(
@@ -177,46 +177,39 @@ class DecodeStage:
     ) -> tuple[str, str]:
         """A plain JPEG for the encoder to decode on its GPU: its bytes where the pixels go,
         ``encoded`` 1, the target shape from the header."""
-        row["height"], row["width"] = size
-        for prefix, family in self.families:
+        row[Col.HEIGHT], row[Col.WIDTH] = size
+        for images, family in self.families:
             try:
-                row[f"{prefix}th"], row[f"{prefix}tw"] = family.target_size(*size)
+                row[images.th], row[images.tw] = family.target_size(*size)
             except (UnsupportedImage, ValueError) as exc:
                 return one_line(exc), "preprocess"
-            row[f"{prefix}pixels"] = data
-        row["encoded"] = 1
+            row[images.pixels] = data
+        row[Col.ENCODED] = 1
         return "", ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         start = time.perf_counter()
         n = batch.num_rows
-        data = batch.column("data").to_pylist()
-        uris = batch.column("uri").to_pylist()
-        errors = batch.column("error").to_pylist()
-        stages = batch.column("stage").to_pylist()
+        data = batch.column(Col.DATA).to_pylist()
+        uris = batch.column(Col.URI).to_pylist()
+        errors = batch.column(Col.ERROR).to_pylist()
+        stages = batch.column(Col.STAGE).to_pylist()
         todo = [i for i in range(n) if not errors[i] and data[i] is None]
         for i, fetched in zip(todo, self._fetch_all([uris[i] for i in todo]), strict=True):
             if isinstance(fetched, tuple):
                 errors[i], stages[i] = fetched
             else:
                 data[i] = fetched
-        keys = ["width", "height"] + [
-            f"{p}{k}" for p, _ in self.families for k in ("th", "tw", "pixels")
-        ]
-        if self.thumbnails:
-            keys.append("thumb")
-        if self.gpu:
-            keys.append("encoded")
-        cols: dict[str, list] = {k: [] for k in keys}
+        types = self._produced()
+        cols: dict[str, list] = {k: [] for k in types}
         for i in range(n):
             row: dict[str, Any] = {}
             if not errors[i]:
                 errors[i], stages[i] = self._one(data[i], row)
             if errors[i]:
-                row = {"width": row.get("width", 0), "height": row.get("height", 0)}
-            for key in keys:
-                blank = b"" if key.endswith(("pixels", "thumb")) else 0
-                cols[key].append(row.get(key, blank))
+                row = {Col.WIDTH: row.get(Col.WIDTH, 0), Col.HEIGHT: row.get(Col.HEIGHT, 0)}
+            for key, typ in types.items():
+                cols[key].append(row.get(key, b"" if typ == pa.binary() else 0))
         # every input column passes through but the image bytes and the replaced error/stage
         table = dict(zip(batch.column_names, batch.columns, strict=True))
         for name in (Col.DATA, Col.URI, Col.ERROR, Col.STAGE):
@@ -224,11 +217,21 @@ class DecodeStage:
         table[Col.ERROR] = pa.array(errors, pa.string())
         table[Col.STAGE] = pa.array(stages, pa.string())
         table[StatCol.DECODE_S] = pa.array(np.full(n, (time.perf_counter() - start) / max(n, 1)))
-        for key in keys:
-            typ = pa.binary() if key.endswith(("pixels", "thumb")) else pa.int32()
+        for key, typ in types.items():
             table[key] = pa.array(cols[key], typ)
-        prefix = self.families[0][0]
-        return pa.table(table).sort_by([(f"{prefix}th", "ascending"), (f"{prefix}tw", "ascending")])
+        first = self.families[0][0]  # rows sorted by the first model's shape: few groups
+        return pa.table(table).sort_by([(first.th, "ascending"), (first.tw, "ascending")])
+
+    def _produced(self) -> dict[str, pa.DataType]:
+        """The columns this stage adds, with their Arrow types."""
+        types: dict[str, pa.DataType] = {Col.WIDTH: pa.int32(), Col.HEIGHT: pa.int32()}
+        for images, _ in self.families:
+            types.update({images.th: pa.int32(), images.tw: pa.int32(), images.pixels: pa.binary()})
+        if self.thumbnails:
+            types[Col.THUMB] = pa.binary()
+        if self.gpu:
+            types[Col.ENCODED] = pa.int32()
+        return types
 
 
 class EncodeStage:
@@ -412,9 +415,9 @@ class MaskStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        n = len(batch["id"])
-        errors = batch["error"].astype(object)
-        stages = batch["stage"].astype(object)
+        n = len(batch[Col.ID])
+        errors = batch[Col.ERROR].astype(object)
+        stages = batch[Col.STAGE].astype(object)
         masks = np.full(n, "", dtype=object)
         counts = np.zeros(n, dtype=np.int32)
         images = MASK_IMAGES
