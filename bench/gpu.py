@@ -302,7 +302,7 @@ def end_to_end(rows: int, decodes: list[str], model: dict | None = None) -> list
             {
                 "model": model or {"weights": "random"},
                 "input": {"uri": str(path), "decode": decode},
-                "output": {"uri": str(tmp / out)},
+                "output": {"uri": str(tmp / out), "thumbnails": 0},  # as the decode-bound limit
                 "index": {"enabled": False},
             },
         )

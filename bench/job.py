@@ -151,7 +151,7 @@ def vlray_job(path: Path, ckpt: Path, out: Path, fuse: str = "auto", decode: str
     config = build_config(
         None,
         {
-            "output": {"uri": str(out)},
+            "output": {"uri": str(out), "thumbnails": 0},  # the limit it is held to has none
             "model": {"name": str(ckpt)},
             "index": {"enabled": False},
             "compute": {"fuse": fuse},
