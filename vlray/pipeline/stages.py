@@ -6,7 +6,6 @@ image never raises across a stage boundary and every input row reaches the write
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,13 +26,13 @@ from vlray.ops.decode import (
 )
 from vlray.ops.thumbnail import make_thumbnail, thumbnail_size
 from vlray.pipeline.files import one_line
+from vlray.pipeline.masking import mask_batch
 from vlray.pipeline.runtime import (
     INPUT_ERRORS,
     decode_group,
     encode_batch,
     group_failure,
     resolve_dtype,
-    shape_groups,
     stack_group,
     to_device,
 )
@@ -326,34 +325,6 @@ class DecodeEncodeStage:
         )
 
 
-def _prompt_tensors(
-    prompts: dict[str, Any],
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Prompt cells (original pixels) -> (1, N, P, 2) points, (1, N, P) labels, (1, N, 4) boxes."""
-    points = labels = boxes = None
-    if prompts.get("points"):
-        points = torch.tensor(prompts["points"], dtype=torch.float64)
-        if points.dim() != 3 or points.shape[-1] != 2:
-            raise ValueError(
-                f"points must be objects x points x [x, y], got shape {list(points.shape)}"
-            )
-        points = points[None]
-        if prompts.get("labels"):
-            labels = torch.tensor(prompts["labels"], dtype=torch.int64)[None]
-            if labels.shape != points.shape[:-1]:
-                raise ValueError(
-                    f"labels shape {list(labels.shape[1:])} does not match points {list(points.shape[1:-1])}"
-                )
-    if prompts.get("boxes"):
-        boxes = torch.tensor(prompts["boxes"], dtype=torch.float64)
-        if boxes.dim() != 2 or boxes.shape[-1] != 4:
-            raise ValueError(
-                f"boxes must be objects x [x1, y1, x2, y2], got shape {list(boxes.shape)}"
-            )
-        boxes = boxes[None]
-    return points, labels, boxes
-
-
 class MaskStage:
     """SAM masks: image embeddings once per image (batched per same-shape group), then every
     prompt of the row (prompted) or a point grid (automatic) through the mask decoder.
@@ -373,83 +344,29 @@ class MaskStage:
         )
         self.settings = settings
 
-    def _masks(
-        self,
-        embedding: torch.Tensor,
-        prompts: str,
-        original: tuple[int, int],
-        reshaped: tuple[int, int],
-    ) -> list[dict[str, Any]]:
-        cfg = self.settings
-        cells = json.loads(prompts) if prompts else {}
-        has_prompts = bool(cells.get("points") or cells.get("boxes"))
-        if cfg.mode == "prompted" and not has_prompts:
-            raise ValueError("no points or boxes in this row (sam.mode is prompted)")
-        if has_prompts and cfg.mode != "automatic":
-            points, labels, boxes = _prompt_tensors(cells)
-            points, labels, boxes = self.generator.scale_prompts(points, labels, boxes, original)
-            return self.generator.prompted(
-                embedding,
-                None if points is None else points[0].float(),
-                None if labels is None else labels[0],
-                None if boxes is None else boxes[0].float(),
-                original_size=original,
-                reshaped_input_size=reshaped,
-                multimask_output=cfg.multimask_output,
-                mask_threshold=cfg.mask_threshold,
-                stability_score_offset=cfg.stability_score_offset,
-                prompts_per_batch=cfg.points_per_batch,
-            )
-        return self.generator.automatic(
-            embedding,
-            original,
-            reshaped,
-            points_per_side=cfg.points_per_side,
-            points_per_batch=cfg.points_per_batch,
-            pred_iou_thresh=cfg.pred_iou_thresh,
-            stability_score_thresh=cfg.stability_score_thresh,
-            stability_score_offset=cfg.stability_score_offset,
-            box_nms_thresh=cfg.box_nms_thresh,
-            mask_threshold=cfg.mask_threshold,
-        )
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         n = len(batch[Col.ID])
-        errors = batch[Col.ERROR].astype(object)
-        stages = batch[Col.STAGE].astype(object)
-        masks = np.full(n, "", dtype=object)
-        counts = np.zeros(n, dtype=np.int32)
         images = MASK_IMAGES
-        ok = np.flatnonzero(errors == "")
-        size_columns = (batch[images.th], batch[images.tw])
-        for size, group in shape_groups(*size_columns, ok, self.settings.batch_size):
-            try:
-                pixels = stack_group(batch[images.pixels], group, size, self.device)
-                inputs = self.family.preprocess(pixels)
-                embeddings = self.generator.image_embeddings(inputs["pixel_values"])
-            except Exception as exc:  # a bad group must not lose the batch
-                errors[group], stages[group] = group_failure(exc, group, "encode")
-                continue
-            for j, i in enumerate(group):
-                original = (int(batch[Col.HEIGHT][i]), int(batch[Col.WIDTH][i]))
-                try:
-                    records = self._masks(embeddings[j], str(batch[Col.PROMPTS][i]), original, size)
-                except (ValueError, RuntimeError, TypeError) as exc:
-                    errors[i], stages[i] = (
-                        one_line(exc),
-                        "preprocess" if isinstance(exc, (ValueError, TypeError)) else "encode",
-                    )
-                    continue
-                masks[i] = json.dumps(records)
-                counts[i] = len(records)
+        result = mask_batch(
+            self.family,
+            self.generator,
+            self.settings,
+            batch[images.pixels],
+            (batch[images.th], batch[images.tw]),
+            (batch[Col.HEIGHT], batch[Col.WIDTH]),
+            batch[Col.PROMPTS],
+            batch[Col.ERROR],
+            batch[Col.STAGE],
+            self.device,
+        )
         out = pass_through(batch, images.names)
         out.update(
             {
-                Col.MASKS: masks.astype(str),
-                Col.MASK_COUNT: counts,
-                Col.ERROR: errors.astype(str),
-                Col.STAGE: stages.astype(str),
+                Col.MASKS: result.masks.astype(str),
+                Col.MASK_COUNT: result.counts,
+                Col.ERROR: result.errors.astype(str),
+                Col.STAGE: result.stages.astype(str),
                 StatCol.MASK_S: np.full(n, (time.perf_counter() - start) / max(n, 1)),
             }
         )
