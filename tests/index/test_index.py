@@ -115,10 +115,11 @@ def test_files_and_manifest(tmp_path, vectors):
 
 def test_hnsw_override(tmp_path, vectors):
     batches, manifest = _build(tmp_path, vectors, factory="HNSW32,Flat")
-    assert batches.calls == 1
-    assert manifest["search_params"] == {"efSearch": 64}
+    assert batches.calls == 2  # tuning queries, then add (no training)
+    ef = manifest["search_params"]["efSearch"]
+    assert manifest["tuning"]["recall"] >= manifest["tuning"]["target_recall"] == 0.95
     index = SearchIndex.load(tmp_path)
-    assert faiss.downcast_index(index.index).hnsw.efSearch == 64
+    assert faiss.downcast_index(index.index).hnsw.efSearch == ef
     assert _recall_at_k(index, vectors, vectors[:100], 10) >= 0.95
     assert index.search(vectors[7], 1)[0][0][0] == "img-00007"
 
@@ -129,9 +130,9 @@ def test_ivf_pq_override_streams_two_passes(tmp_path, vectors):
     assert batches.rows_yielded == 2 * ROWS
     assert batches.max_batch_rows == BATCH
     assert manifest["train_rows"] == ROWS  # min(count, 256 * 16)
-    assert manifest["search_params"] == {"nprobe": 8}
+    nprobe = manifest["search_params"]["nprobe"]
     index = SearchIndex.load(tmp_path)
-    assert faiss.extract_index_ivf(index.index).nprobe == 8
+    assert faiss.extract_index_ivf(index.index).nprobe == nprobe
     queries = _unit_vectors(100, seed=1)
     # Random 32-d vectors at 8 bytes/vector: ~0.6 measured; exact search gives 1.0.
     assert _recall_at_k(index, vectors, queries, 10) >= 0.45
@@ -247,22 +248,16 @@ def test_rebuild_replaces(tmp_path, vectors):
     assert len(list(tmp_path.iterdir())) == 3
 
 
-def test_choose_factory():
+def test_choose_factory_small_sets():
     gib = 1 << 30
     assert choose_factory(0, 768, 4 * gib) == "Flat"
     assert choose_factory(200_000, 768, 4 * gib) == "Flat"
-    assert choose_factory(1_000_000, 768, 4 * gib) == "HNSW32,Flat"
     assert choose_factory(300_000, 768, 4 * gib, flat_max=500_000) == "Flat"
-    # 2M x 768 floats is 6 GiB: beyond a 4 GiB budget -> compressed IVF.
-    assert choose_factory(2_000_000, 768, 4 * gib) == "IVF4096,PQ192"
-    assert choose_factory(10_000_000, 768, 4 * gib) == "IVF16384,PQ192"
-    # A tight budget shrinks the code; M always divides dim.
-    factory = choose_factory(100_000_000, 768, 4 * gib)
-    m = int(factory.split("PQ")[1])
-    assert factory.startswith("IVF32768,") and 768 % m == 0 and m < 192
+    assert choose_factory(500_000, 768, 4 * gib) == "HNSW32,Flat"  # 1.7 GB of graph fits
+    # below 1M rows: ~4 sqrt(N) lists and a flat coarse quantizer
+    assert choose_factory(900_000, 768, 2 * gib) == "IVF4096,SQ8"
     for count, dim, budget in [(3_000_000, 512, gib), (500_000, 96, 1 << 20)]:
         factory = choose_factory(count, dim, budget)
-        assert factory.startswith("IVF") and dim % int(factory.split("PQ")[1]) == 0
         faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # valid string
 
 

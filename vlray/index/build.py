@@ -27,6 +27,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.index.tune import TARGET_RECALL, TUNE_QUERIES, ExactTopK, tune
+
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
@@ -37,14 +39,31 @@ IDS_SCHEMA = pa.schema([pa.field("id", pa.string(), nullable=False)])
 
 FLAT_MAX_ROWS = 200_000
 # Above this HNSW build time (hours) outweighs its recall edge over IVF-PQ, whatever the memory.
-HNSW_MAX_ROWS = 5_000_000
+HNSW_MAX_ROWS = 1_000_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 80
 HNSW_EF_SEARCH = 64
-# Training sample bounds: faiss wants >= 39 points per centroid and gains little past 256.
+# FAISS guidelines: an HNSW coarse quantizer above ~1M rows, with these list counts per size.
+HNSW_COARSE_MIN_ROWS = 1_000_000
+GUIDELINE_NLIST = ((1_000_000, 0), (10_000_000, 65_536), (100_000_000, 262_144))
+GUIDELINE_NLIST_MAX = 1_048_576
+# Training sample: faiss wants >= 39 points per centroid; 100..256 is the sweet spot.
+TRAIN_MIN_PER_CENTROID = 39
 TRAIN_POINTS_PER_CENTROID = 256
-TRAIN_MAX_ROWS = 262_144
+TRAIN_BUDGET_SHARE = 0.5  # of memory_budget_bytes, for the float32 training sample
+INDEX_BUDGET_SHARE = 0.7  # of memory_budget_bytes, for the finished index (the rest: batches)
+# Fast-scan (4-bit, SIMD) PQ pays once lists are long enough that scanning dominates.
+FAST_SCAN_MIN_ROWS = 1_000_000
+# Flat k-means costs n * nlist * d per iteration; two-level costs ~2 n sqrt(nlist) d.
+TWO_LEVEL_MIN_NLIST = 4096
+KMEANS_NITER = 10
+# OPQ's rotation learning re-trains a PQ per iteration: bounded rows and iterations.
+OPQ_NITER = 10
+OPQ_TRAIN_MAX_ROWS = 32_768
 NPROBE_MAX = 64
+
+# Fast-scan conversions in this process (a handful per build; the plain codes go with them).
+_KEEP_ALIVE: list[tuple[faiss.Index, faiss.Index]] = []
 
 Batches = Callable[[], Iterable[tuple[list[str], np.ndarray]]]
 
@@ -56,27 +75,60 @@ def _hnsw_bytes(count: int, dim: int) -> int:
     return count * per_vector
 
 
-def _ivf_nlist(count: int) -> int:
-    """K ~ 4 * sqrt(N) rounded to the nearest power of two, with >= 39 training points each."""
-    k = 2 ** max(0, round(math.log2(max(1.0, 4.0 * math.sqrt(count)))))
-    while k > 1 and k * 39 > count:
+def _pow2(x: float) -> int:
+    return 2 ** max(0, round(math.log2(max(1.0, x))))
+
+
+def train_rows_cap(count: int, dim: int, memory_budget_bytes: int) -> int:
+    """Most training vectors the budget allows: ``TRAIN_BUDGET_SHARE`` of it as float32."""
+    return max(1, min(count, int(memory_budget_bytes * TRAIN_BUDGET_SHARE) // (4 * dim)))
+
+
+def ivf_nlist(count: int, dim: int, memory_budget_bytes: int) -> int:
+    """IVF list count: ~4*sqrt(N) below 1M rows, the FAISS guideline sizes above (65,536 up
+    to 10M, 262,144 up to 100M, 1,048,576 beyond), halved until >= 39 training points per
+    list fit both the rows and the training share of the budget."""
+    k = _pow2(4.0 * math.sqrt(count))
+    for upto, guideline in GUIDELINE_NLIST:
+        if count < upto:
+            k = guideline or k
+            break
+    else:
+        k = GUIDELINE_NLIST_MAX
+    cap = train_rows_cap(count, dim, memory_budget_bytes)
+    while k > 1 and k * TRAIN_MIN_PER_CENTROID > cap:
         k //= 2
     return k
 
 
-def _pq_m(count: int, dim: int, nlist: int, memory_budget_bytes: int) -> int:
-    """Bytes per PQ code: the largest divisor of dim up to dim/4 whose index fits the budget."""
-    limit = max(1, dim // 4)
-    candidates = [m for m in range(1, limit + 1) if dim % m == 0]
-    # Coarse centroids and PQ codebooks are fixed costs; each row costs M code bytes + an int64 id.
-    fixed = nlist * dim * 4 + 256 * dim * 4
-    for m in reversed(candidates):
-        if fixed + count * (m + 8) <= memory_budget_bytes:
-            return m
-    # Nothing fits: take the smallest code that still keeps >= 2 dims per sub-quantizer
-    # apart (a soft budget beats a useless index).
-    sensible = [m for m in candidates if m >= min(8, limit)]
-    return sensible[0] if sensible else candidates[-1]
+def train_size(count: int, dim: int, nlist: int, memory_budget_bytes: int) -> int:
+    """Training sample rows: 256 per list (>= 39 by :func:`ivf_nlist`), within the budget."""
+    return min(
+        TRAIN_POINTS_PER_CENTROID * max(nlist, 1), train_rows_cap(count, dim, memory_budget_bytes)
+    )
+
+
+def _divisors(dim: int, most: int) -> list[int]:
+    return [m for m in range(1, min(most, dim) + 1) if dim % m == 0]
+
+
+def _encoding(count: int, dim: int, nlist: int, memory_budget_bytes: int) -> str:
+    """The IVF list encoding that fits: Flat (4d bytes), SQ8 (d bytes), else OPQ + PQ with
+    the largest code; 4-bit fast-scan codes (twice the sub-quantizers per byte) from
+    ``FAST_SCAN_MIN_ROWS`` rows."""
+    fixed = nlist * (4 * dim + 4 * 2 * HNSW_M)  # coarse centroids + their HNSW links
+    per_row = (memory_budget_bytes * INDEX_BUDGET_SHARE - fixed) / max(count, 1) - 8  # ids
+    if per_row >= 4 * dim:
+        return "Flat"
+    if per_row >= dim:
+        return "SQ8"
+    fast = count >= FAST_SCAN_MIN_ROWS
+    subs_per_byte = 2 if fast else 1
+    # at least 2 dims per sub-quantizer; a soft budget beats a useless index
+    options = _divisors(dim, dim // 2) or [1]
+    fitting = [m for m in options if m <= per_row * subs_per_byte]
+    m = fitting[-1] if fitting else next((m for m in options if m >= min(8, dim // 2)), options[0])
+    return f"PQ{m}x4fsr" if fast else f"PQ{m}"
 
 
 def choose_factory(
@@ -90,15 +142,17 @@ def choose_factory(
     """Pick a FAISS factory string for ``count`` vectors of ``dim`` floats.
 
     - ``count <= flat_max``: ``"Flat"`` (exact inner product).
-    - HNSW graph with raw vectors fits ``memory_budget_bytes`` and ``count <= hnsw_max``:
-      ``"HNSW32,Flat"``.
-    - otherwise ``"IVF{K},PQ{M}"`` with K ~ 4*sqrt(count) as a power of two and M the
-      largest divisor of ``dim`` up to ``dim / 4`` bytes per vector that fits the budget.
+    - an HNSW graph over raw vectors fits the index share of the budget and
+      ``count < hnsw_max``: ``"HNSW32,Flat"``.
+    - otherwise IVF with :func:`ivf_nlist` lists (an ``_HNSW32`` coarse quantizer from 1M
+      rows) and the best list encoding that fits: ``Flat``, ``SQ8``, or ``OPQ{M},...,PQ{M}``
+      (``PQ{M}x4fsr`` fast-scan from 1M rows).
 
     Args:
         count: Number of vectors to index, >= 0.
         dim: Vector dimension, > 0.
-        memory_budget_bytes: Memory the finished index may use.
+        memory_budget_bytes: Memory the build may use (the finished index gets
+            ``INDEX_BUDGET_SHARE`` of it, the training sample ``TRAIN_BUDGET_SHARE``).
         flat_max: Largest row count served by exact search.
         hnsw_max: Largest row count for which HNSW is considered.
 
@@ -109,10 +163,16 @@ def choose_factory(
         raise ValueError(f"count must be >= 0 and dim > 0, got count={count}, dim={dim}")
     if count <= flat_max:
         return "Flat"
-    if count <= hnsw_max and _hnsw_bytes(count, dim) <= memory_budget_bytes:
+    index_budget = memory_budget_bytes * INDEX_BUDGET_SHARE
+    if count < hnsw_max and _hnsw_bytes(count, dim) <= index_budget:
         return f"HNSW{HNSW_M},Flat"
-    nlist = _ivf_nlist(count)
-    return f"IVF{nlist},PQ{_pq_m(count, dim, nlist, memory_budget_bytes)}"
+    nlist = ivf_nlist(count, dim, memory_budget_bytes)
+    coarse = f"IVF{nlist}_HNSW{HNSW_M}" if count >= HNSW_COARSE_MIN_ROWS else f"IVF{nlist}"
+    encoding = _encoding(count, dim, nlist, memory_budget_bytes)
+    if encoding.startswith("PQ"):
+        m = int(encoding[2:].split("x")[0])
+        return f"OPQ{m},{coarse},{encoding}"
+    return f"{coarse},{encoding}"
 
 
 def _vlray_version() -> str:
@@ -153,8 +213,15 @@ def _nlist(index: faiss.Index) -> int | None:
         return None
 
 
-def _reservoir_sample(batches: Batches, size: int, dim: int, seed: int) -> np.ndarray:
-    """Uniform sample of ``size`` rows over one pass (Algorithm R, vectorised per batch).
+def _reservoir_sample(
+    batches: Batches,
+    size: int,
+    dim: int,
+    seed: int,
+    on_batch: Callable[[np.ndarray, int], None] | None = None,
+) -> np.ndarray:
+    """Uniform sample of ``size`` rows over one pass (Algorithm R, vectorised per batch);
+    ``on_batch(vectors, offset)`` sees every batch on the way.
 
     Returns:
         float32 array (min(size, rows seen), dim).
@@ -164,6 +231,8 @@ def _reservoir_sample(batches: Batches, size: int, dim: int, seed: int) -> np.nd
     seen = 0
     for ids, vectors in batches():
         _, vectors = _check_batch(ids, vectors, dim)
+        if on_batch is not None:
+            on_batch(vectors, seen)
         n = vectors.shape[0]
         fill = min(max(size - seen, 0), n)
         if fill:
@@ -206,6 +275,207 @@ def _tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.tmp-{os.getpid()}-{time.monotonic_ns()}")
 
 
+def plain_factory(factory: str) -> str:
+    """The factory to train and add with: fast-scan PQ (``x4fs``, ``x4fsr``) as the plain
+    4-bit IVF-PQ it converts from (``merge_from`` on fast-scan lists corrupts memory)."""
+    return factory.replace("x4fsr", "x4").replace("x4fs", "x4")
+
+
+def new_index(factory: str, dim: int, seed: int) -> tuple[faiss.Index, dict[str, int]]:
+    """An empty inner-product index for ``plain_factory(factory)`` and its default search
+    parameters (HNSW efSearch, IVF nprobe)."""
+    try:
+        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # validates the real one
+        index = faiss.index_factory(dim, plain_factory(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as err:
+        raise ValueError(f"invalid FAISS factory string {factory!r}: {err}") from err
+    search_params: dict[str, int] = {}
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        search_params["efSearch"] = HNSW_EF_SEARCH
+    nlist = _nlist(index)
+    for part in (index, faiss.extract_index_ivf(index) if nlist is not None else None):
+        # The factory turns on polysemous training for PQ codes: minutes of Hamming-ordering
+        # work that only pays off with polysemous_ht search, which we never enable.
+        if hasattr(part, "do_polysemous_training"):
+            part.do_polysemous_training = False
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            transform = faiss.downcast_VectorTransform(outer.chain.at(i))
+            if isinstance(transform, faiss.OPQMatrix):
+                transform.niter = OPQ_NITER
+                transform.max_train_points = OPQ_TRAIN_MAX_ROWS
+    if nlist is not None:
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.seed = seed
+        if "x4fs" in factory and "x4fsr" not in factory:
+            ivf.by_residual = False
+        search_params["nprobe"] = min(nlist, max(8, min(NPROBE_MAX, nlist // 8)))
+    return index, search_params
+
+
+def train_index(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
+    """Trains ``index`` on ``sample`` (float32 (n, dim)); many lists use two-level k-means
+    (sqrt(nlist) clusters, then each split), ~sqrt(nlist)/2 times cheaper than flat k-means."""
+    nlist = _nlist(index)
+    if nlist is None or nlist < TWO_LEVEL_MIN_NLIST:
+        index.train(sample)
+        return
+    from faiss.contrib.clustering import two_level_clustering
+
+    x = sample
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexPreTransform):
+        for i in range(outer.chain.size()):
+            transform = outer.chain.at(i)
+            transform.train(x)
+            x = transform.apply(x)
+    ivf = faiss.extract_index_ivf(index)
+    centroids, _ = two_level_clustering(
+        x,
+        int(math.sqrt(nlist)),
+        nlist,
+        clustering_niter=KMEANS_NITER,
+        seed=seed,
+    )
+    ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    ivf.train(x)  # the quantizer is full: this trains the list encoding only
+    index.is_trained = True
+
+
+def finish_index(index: faiss.Index, factory: str) -> faiss.Index:
+    """Converts a plain 4-bit IVF-PQ to the fast-scan layout ``factory`` asks for."""
+    if "x4fs" not in factory:
+        return index
+    outer = faiss.downcast_index(index)
+    fast = faiss.IndexIVFPQFastScan(faiss.downcast_index(faiss.extract_index_ivf(index)))
+    _KEEP_ALIVE.append((index, fast))  # SWIG: the wrappers own the C++ objects
+    if isinstance(outer, faiss.IndexPreTransform):
+        outer.index = fast
+        return outer
+    return fast
+
+
+def query_positions(count: int, seed: int, queries: int = TUNE_QUERIES) -> np.ndarray:
+    """Seeded random row positions of the tuning queries (int64, sorted)."""
+    rng = np.random.default_rng(seed + 1)
+    return np.sort(rng.choice(count, size=min(queries, count), replace=False))
+
+
+def _sample_and_queries(
+    batches: Batches,
+    index: faiss.Index,
+    factory: str,
+    count: int,
+    dim: int,
+    budget: int,
+    seed: int,
+    truth: ExactTopK | None,
+) -> np.ndarray | None:
+    """One pass: the training sample (None for untrained indexes) and the query vectors."""
+    take = truth.take if truth is not None else None
+    if index.is_trained:
+        if take is not None:
+            _reservoir_sample(batches, 0, dim, seed, take)
+        return None
+    nlist = _nlist(index)
+    size = (
+        train_size(count, dim, nlist or 0, budget)
+        if nlist
+        else min(count, train_rows_cap(count, dim, budget))
+    )
+    sample = _reservoir_sample(batches, size, dim, seed, take)
+    if nlist is not None and sample.shape[0] < nlist:
+        raise ValueError(
+            f"factory {factory!r} needs >= {nlist} training vectors, got {sample.shape[0]}: "
+            "use fewer IVF lists or a Flat/HNSW factory"
+        )
+    return sample
+
+
+def _id_array(ids: list[str]) -> pa.Array:
+    try:
+        id_array = pa.array(ids, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
+        raise ValueError(f"ids must be strings: {err}") from err
+    if id_array.null_count:
+        raise ValueError("ids must not be None")
+    return id_array
+
+
+def add_batches(
+    batches: Batches,
+    index: faiss.Index,
+    writer: pq.ParquetWriter,
+    dim: int,
+    *,
+    offset: int = 0,
+    truth: ExactTopK | None = None,
+) -> int:
+    """Adds every batch to ``index`` at positions ``offset...`` (``add_with_ids`` for IVF, so
+    shards built apart merge into the same positions), writes their ids, updates ``truth``.
+
+    Returns:
+        Rows added.
+    """
+    rows = 0
+    ivf = _nlist(index) is not None
+    for ids, vectors in batches():
+        ids, vectors = _check_batch(ids, vectors, dim)
+        if not ids:
+            continue
+        writer.write_table(pa.table({"id": _id_array(ids)}, schema=IDS_SCHEMA))
+        if ivf:
+            index.add_with_ids(vectors, np.arange(offset + rows, offset + rows + len(ids)))
+        else:
+            index.add(vectors)
+        if truth is not None:
+            truth.update(vectors, offset + rows)
+        rows += len(ids)
+    return rows
+
+
+def write_files(out: Path, index: faiss.Index, ids_tmp: Path) -> None:
+    """Moves the index and the written ids into place (the manifest comes after)."""
+    index_path = out / INDEX_FILE
+    index_tmp = _tmp_name(index_path)
+    try:
+        faiss.write_index(index, str(index_tmp))
+        _fsync_replace(index_tmp, index_path)
+        _fsync_replace(ids_tmp, out / IDS_FILE)
+    finally:
+        index_tmp.unlink(missing_ok=True)
+
+
+def manifest_fields(
+    index: faiss.Index,
+    factory: str,
+    search_params: dict,
+    tuning: dict | None,
+    train_rows: int,
+    seed: int,
+    start: float,
+) -> dict:
+    """The index's own manifest fields (callers add model fields)."""
+    return {
+        "dim": int(index.d),
+        "metric": METRIC,
+        "count": int(index.ntotal),
+        "factory": factory,
+        "search_params": search_params,
+        "tuning": tuning,
+        "train_rows": train_rows,
+        "trained_for": int(index.ntotal),
+        "seed": seed,
+        "index_file": INDEX_FILE,
+        "ids_file": IDS_FILE,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "vlray_version": _vlray_version(),
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+
+
 def build_index(
     batches: Batches,
     index_dir: str | Path,
@@ -216,12 +486,15 @@ def build_index(
     memory_budget_bytes: int = 4 << 30,
     manifest: dict | None = None,
     seed: int = 0,
+    target_recall: float = TARGET_RECALL,
 ) -> dict:
     """Build an inner-product FAISS index over streamed embeddings and write it to ``index_dir``.
 
-    ``batches`` is called once for Flat/HNSW indexes and twice for trained ones (IVF, PQ):
-    first to draw a seeded reservoir sample for training, then to add every vector. Only one
-    batch, the training sample and the index itself are held in memory.
+    ``batches`` is called once for Flat indexes and twice otherwise: first to draw a seeded
+    reservoir sample for training (bounded by the budget) and the tuning queries, then to
+    add every vector while the queries' exact neighbours are kept. ``nprobe`` / ``efSearch``
+    are then tuned to ``target_recall`` and stored in the manifest. Only one batch, the
+    training sample (freed before adding) and the index itself are held in memory.
 
     Args:
         batches: Returns a fresh iterable of ``(ids, vectors)``; ``vectors`` float32 (n, dim),
@@ -230,9 +503,10 @@ def build_index(
         dim: Vector dimension.
         count: Total rows ``batches`` yields; picks the index type and is checked.
         factory: FAISS factory string overriding :func:`choose_factory` (e.g. ``"HNSW32,Flat"``).
-        memory_budget_bytes: Memory the finished index may use; picks the index type.
+        memory_budget_bytes: Memory the build may use; picks the index type and sample size.
         manifest: Caller fields (model, family, weights, ...) stored in ``manifest.json``.
-        seed: Seed for training sample and k-means.
+        seed: Seed for training sample, k-means and tuning queries.
+        target_recall: recall@10 the stored search parameters reach on the tuning queries.
 
     Returns:
         The manifest as written to ``manifest.json``.
@@ -248,93 +522,44 @@ def build_index(
         raise ValueError(f"count must be >= 0, got {count}")
     caller_fields = dict(manifest or {})
     json.dumps(caller_fields)  # fail before any file is touched if it is not JSON-serialisable
-
     if count == 0:
         factory = "Flat"  # nothing to train on; an empty exact index is still valid
     elif factory is None:
         factory = choose_factory(count, dim, memory_budget_bytes)
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise ValueError(f"invalid FAISS factory string {factory!r}: {err}") from err
-
-    search_params: dict[str, int] = {}
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
-        search_params["efSearch"] = HNSW_EF_SEARCH
-    nlist = _nlist(index)
-    for part in (index, faiss.extract_index_ivf(index) if nlist is not None else None):
-        # The factory turns on polysemous training for PQ codes: minutes of Hamming-ordering
-        # work that only pays off with polysemous_ht search, which we never enable.
-        if hasattr(part, "do_polysemous_training"):
-            part.do_polysemous_training = False
-    if nlist is not None:
-        search_params["nprobe"] = min(nlist, max(8, min(NPROBE_MAX, nlist // 8)))
-        faiss.extract_index_ivf(index).cp.seed = seed
-
+    index, search_params = new_index(factory, dim, seed)
     out = Path(index_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A manifest next to half-replaced files would describe the wrong index: drop it first.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
 
-    train_rows = 0
-    if not index.is_trained:
-        size = min(count, TRAIN_MAX_ROWS)
-        if nlist is not None:
-            size = min(size, TRAIN_POINTS_PER_CENTROID * nlist)
-        sample = _reservoir_sample(batches, size, dim, seed)
-        train_rows = sample.shape[0]
-        if nlist is not None and train_rows < nlist:
-            raise ValueError(
-                f"factory {factory!r} needs >= {nlist} training vectors, got {train_rows}: "
-                "use fewer IVF lists or a Flat/HNSW factory"
-            )
+    tunable = factory.upper() != "FLAT" and count > 0
+    truth = ExactTopK(query_positions(count, seed), dim) if tunable else None
+    sample = _sample_and_queries(
+        batches, index, factory, count, dim, memory_budget_bytes, seed, truth
+    )
+    train_rows = 0 if sample is None else int(sample.shape[0])
+    if sample is not None:
         logger.info("training %s on %d sampled vectors", factory, train_rows)
-        index.train(sample)
+        train_index(index, sample, seed)
         del sample
 
-    index_path, ids_path = out / INDEX_FILE, out / IDS_FILE
-    ids_tmp, index_tmp = _tmp_name(ids_path), _tmp_name(index_path)
+    ids_tmp = _tmp_name(out / IDS_FILE)
     try:
-        rows = 0
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
-            for ids, vectors in batches():
-                ids, vectors = _check_batch(ids, vectors, dim)
-                if not ids:
-                    continue
-                try:
-                    id_array = pa.array(ids, type=pa.string())
-                except (pa.ArrowInvalid, pa.ArrowTypeError) as err:
-                    raise ValueError(f"ids must be strings: {err}") from err
-                if id_array.null_count:
-                    raise ValueError("ids must not be None")
-                writer.write_table(pa.table({"id": id_array}, schema=IDS_SCHEMA))
-                index.add(vectors)
-                rows += len(ids)
+            rows = add_batches(batches, index, writer, dim, truth=truth)
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
-        faiss.write_index(index, str(index_tmp))
-        _fsync_replace(index_tmp, index_path)
-        _fsync_replace(ids_tmp, ids_path)
+        index = finish_index(index, factory)
+        tuning = None
+        if truth is not None:
+            search_params, tuning = tune(index, truth, target_recall)
+        write_files(out, index, ids_tmp)
     finally:
         ids_tmp.unlink(missing_ok=True)
-        index_tmp.unlink(missing_ok=True)
 
     result = {
         **caller_fields,
-        "dim": dim,
-        "metric": METRIC,
-        "count": int(index.ntotal),
-        "factory": factory,
-        "search_params": search_params,
-        "train_rows": train_rows,
-        "trained_for": int(index.ntotal),
-        "seed": seed,
-        "index_file": INDEX_FILE,
-        "ids_file": IDS_FILE,
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "vlray_version": _vlray_version(),
-        "build_seconds": round(time.perf_counter() - start, 3),
+        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start),
     }
     _write_manifest(out, result)
     logger.info(

@@ -1,0 +1,141 @@
+"""Search-parameter tuning: exact top-k of a few held-out queries, then the cheapest
+``nprobe`` / ``efSearch`` that reaches a target recall.
+
+The queries are stored vectors picked at seeded random positions; each query's own position
+is left out of both the exact and the approximate results, so a query is never its own
+(trivially found) neighbour.
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+TUNE_QUERIES = 256
+TUNE_K = 10
+TARGET_RECALL = 0.95
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+EF_GRID = (16, 32, 64, 128, 256, 512)
+QUANTIZER_EF_MIN = 64
+
+
+class ExactTopK:
+    """Running exact top-(k+1) inner products of fixed queries over streamed batches.
+
+    Attributes:
+        queries: float32 (q, d), filled by :meth:`take` as their positions stream past.
+        positions: int64 (q,), global row positions of the queries.
+    """
+
+    def __init__(self, positions: np.ndarray, dim: int, k: int = TUNE_K) -> None:
+        self.positions = np.sort(np.asarray(positions, dtype=np.int64))
+        self.queries = np.zeros((len(self.positions), dim), dtype=np.float32)
+        self.k = k
+        self.scores = np.full((len(self.positions), k + 1), -np.inf, dtype=np.float32)
+        self.ids = np.full((len(self.positions), k + 1), -1, dtype=np.int64)
+
+    def take(self, vectors: np.ndarray, offset: int) -> None:
+        """Copies the queries that lie in rows ``[offset, offset + n)`` of the stream."""
+        lo, hi = np.searchsorted(self.positions, [offset, offset + len(vectors)])
+        self.queries[lo:hi] = vectors[self.positions[lo:hi] - offset]
+
+    def update(self, vectors: np.ndarray, offset: int) -> None:
+        """Merges the exact scores of rows ``[offset, offset + n)`` (float32 (n, d))."""
+        if not len(self.positions) or not len(vectors):
+            return
+        scores = self.queries @ vectors.T
+        keep = min(self.k + 1, scores.shape[1])
+        part = np.argpartition(-scores, keep - 1, axis=1)[:, :keep]
+        both_s = np.concatenate([self.scores, np.take_along_axis(scores, part, 1)], axis=1)
+        both_i = np.concatenate([self.ids, part + offset], axis=1)
+        order = np.argsort(-both_s, axis=1, kind="stable")[:, : self.k + 1]
+        self.scores = np.take_along_axis(both_s, order, 1)
+        self.ids = np.take_along_axis(both_i, order, 1)
+
+    def merge(self, other: ExactTopK) -> None:
+        """Folds in the top-k another accumulator (same queries) kept over other rows."""
+        both_s = np.concatenate([self.scores, other.scores], axis=1)
+        both_i = np.concatenate([self.ids, other.ids], axis=1)
+        order = np.argsort(-both_s, axis=1, kind="stable")[:, : self.k + 1]
+        self.scores = np.take_along_axis(both_s, order, 1)
+        self.ids = np.take_along_axis(both_i, order, 1)
+
+    def truth(self) -> list[set[int]]:
+        """Per query, the positions of its k exact neighbours other than itself."""
+        return [_without(row, p, self.k) for row, p in zip(self.ids, self.positions, strict=True)]
+
+
+def _without(row: np.ndarray, self_pos: int, k: int) -> set[int]:
+    return set([int(i) for i in row if i != self_pos and i >= 0][:k])
+
+
+def recall(index: faiss.Index, truth: ExactTopK) -> float:
+    """Mean fraction of each query's k exact neighbours (itself left out) that ``index``
+    returns in its top k."""
+    if not len(truth.positions):
+        return 1.0
+    _, found = index.search(truth.queries, truth.k + 1)
+    hits = 0
+    expected = 0
+    for row, pos, exact in zip(found, truth.positions, truth.truth(), strict=True):
+        got = _without(row, pos, truth.k)
+        hits += len(got & exact)
+        expected += len(exact)
+    return hits / expected if expected else 1.0
+
+
+def _candidates(index: faiss.Index) -> list[dict[str, int]]:
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is not None:
+        hnsw_coarse = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
+        grid = [n for n in NPROBE_GRID if n <= ivf.nlist] or [1]
+        return [
+            {
+                "nprobe": n,
+                **({"quantizer_efSearch": max(QUANTIZER_EF_MIN, 2 * n)} if hnsw_coarse else {}),
+            }
+            for n in grid
+        ]
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        return [{"efSearch": ef} for ef in EF_GRID]
+    return []
+
+
+def tune(
+    index: faiss.Index, truth: ExactTopK, target: float = TARGET_RECALL
+) -> tuple[dict[str, int], dict[str, float | int]]:
+    """The cheapest search parameters reaching ``target`` recall@k on ``truth``'s queries
+    (else those within 0.005 of the best recall seen), applied to ``index``.
+
+    Returns:
+        (search_params for the manifest, a tuning record: target, recall, queries, k).
+    """
+    params = faiss.ParameterSpace()
+    seen: list[tuple[dict[str, int], float]] = []
+    for candidate in _candidates(index):
+        for name, value in candidate.items():
+            params.set_index_parameter(index, name, value)
+        seen.append((candidate, recall(index, truth)))
+        if seen[-1][1] >= target:
+            break
+    if not seen:
+        return {}, {
+            "target_recall": target,
+            "recall": recall(index, truth),
+            "queries": len(truth.positions),
+            "k": truth.k,
+        }
+    best = max(r for _, r in seen)
+    chosen, got = next((c, r) for c, r in seen if r >= min(target, best - 0.005))
+    for name, value in chosen.items():
+        params.set_index_parameter(index, name, value)
+    record = {
+        "target_recall": target,
+        "recall": round(got, 4),
+        "queries": len(truth.positions),
+        "k": truth.k,
+    }
+    return chosen, record
