@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.families.base import Capability, Family
-from vlray.families.fingerprint import hub_revision, weights_fingerprint
+from vlray.index.update import build_output_index
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.progress import Progress
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
@@ -29,7 +29,6 @@ from vlray.storage import (
     Location,
     list_files,
     locate,
-    read_bytes,
     write_bytes_atomic,
     write_parquet_atomic,
 )
@@ -175,164 +174,6 @@ def _encode(ds: Any, config: JobConfig, checkpoint: Checkpoint, stages: StagePla
         batch_format="numpy",
         **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
     )
-
-
-def iter_embeddings(output: Location, batch_rows: int = 65536) -> Any:
-    """A callable yielding (ids, vectors float32 (n, d)) from every committed embeddings file."""
-    import numpy as np
-
-    def batches() -> Any:
-        for path in list_files(output.join("embeddings"), (".parquet",)):
-            with output.fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows):
-                    emb = batch.column("embedding")
-                    dim = emb.type.list_size
-                    values = emb.values.to_numpy(zero_copy_only=False).astype(
-                        np.float32, copy=False
-                    )
-                    yield batch.column("id").to_pylist(), values.reshape(-1, dim)
-
-    return batches
-
-
-def count_rows(output: Location, folder: str) -> int:
-    """Rows in the committed Parquet files of ``output/folder``."""
-    total = 0
-    for path in list_files(output.join(folder), (".parquet",)):
-        with output.fs.open_input_file(path) as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
-
-
-def _index_manifest_fields(
-    config: JobConfig, checkpoint: Checkpoint, family_name: str
-) -> dict[str, Any]:
-    return {
-        "model": checkpoint.name,
-        "model_path": checkpoint.path,
-        "family": family_name,
-        "weights": "random" if checkpoint.random_weights else "pretrained",
-        "revision": hub_revision(checkpoint.path),
-        # the weight files loaded (None: seeded random weights built from the config)
-        "fingerprint": weights_fingerprint(checkpoint.path)
-        if checkpoint.weights == "pretrained"
-        else None,
-        "seed": checkpoint.seed,
-        "processor": checkpoint.processor,
-        "output_dtype": config.output.dtype,
-    }
-
-
-def _new_embeddings(output: Location, indexed: np.ndarray) -> tuple[Any, int]:
-    """(batches callable, count) of committed embeddings whose id is not in ``indexed``."""
-    from vlray.pipeline.state import hash_ids, is_done
-
-    source = iter_embeddings(output)
-
-    def batches() -> Any:
-        for ids, vectors in source():
-            keep = ~is_done(hash_ids(ids), indexed)
-            if keep.any():
-                yield [i for i, k in zip(ids, keep, strict=True) if k], vectors[keep]
-
-    return batches, sum(len(ids) for ids, _ in batches())
-
-
-def build_output_index(
-    config: JobConfig,
-    checkpoint: Checkpoint,
-    family_name: str,
-    output: Location,
-    dim: int,
-    rows_added: int,
-) -> dict[str, Any]:
-    """Brings index/ up to date with every committed embedding (streamed).
-
-    Adds the vectors not yet indexed when the existing index still fits the new size (Flat, HNSW,
-    IVF within its training), else rebuilds. S3 outputs are staged in a local folder.
-    """
-    import shutil
-    import tempfile
-
-    from vlray.index import add_to_index, build_index, can_add
-    from vlray.pipeline.state import hash_ids
-
-    total = count_rows(output, "embeddings")
-    fields = _index_manifest_fields(config, checkpoint, family_name)
-    index_loc = output.join("index")
-    staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
-    budget = int(config.index.memory_budget_gb * (1 << 30))
-    existing: dict[str, Any] | None = None
-    try:
-        existing = json.loads(read_bytes(index_loc.join("manifest.json")))
-    except (FileNotFoundError, OSError, ValueError):
-        existing = None
-    same_model = existing is not None and all(
-        existing.get(k) == fields[k] for k in ("model", "family", "weights", "seed", "fingerprint")
-    )
-    runs = list(existing.get("runs", [])) if same_model and existing else []
-    mode = "rebuild"
-    if same_model and can_add(
-        existing,
-        total=total,
-        dim=dim,
-        memory_budget_bytes=budget,
-        factory=config.index.factory or None,
-        flat_max=config.index.flat_max,
-    ):
-        if not index_loc.is_local:
-            for name in ("index.faiss", "ids.parquet", "manifest.json"):
-                with open(os.path.join(staging, name), "wb") as f:
-                    f.write(read_bytes(index_loc.join(name)))
-        indexed = np.unique(
-            hash_ids(pq.read_table(os.path.join(staging, "ids.parquet")).column("id").to_pylist())
-        )
-        batches, count = _new_embeddings(output, indexed)
-        if existing and existing.get("count", 0) + count == total:
-            mode = "add"
-            runs.append(
-                {
-                    "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "rows_added": count,
-                    "mode": mode,
-                    "factory": existing.get("factory"),
-                }
-            )
-            result = add_to_index(
-                batches, staging, dim=dim, count=count, manifest={**fields, "runs": runs}
-            )
-    if mode == "rebuild":
-        factory = config.index.factory or None
-        if factory is None and total:
-            from vlray.index import choose_factory
-
-            factory = choose_factory(total, dim, budget, config.index.flat_max)
-        runs.append(
-            {
-                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "rows_added": rows_added,
-                "mode": mode,
-                "factory": factory or "Flat",
-            }
-        )
-        result = build_index(
-            iter_embeddings(output),
-            staging,
-            dim=dim,
-            count=total,
-            factory=factory,
-            memory_budget_bytes=budget,
-            manifest={**fields, "runs": runs},
-        )
-    if not index_loc.is_local:
-        # manifest last: a reader that sees the new manifest sees the new files
-        with hold_stops():
-            for name in ("index.faiss", "ids.parquet", "manifest.json"):
-                with open(os.path.join(staging, name), "rb") as f:
-                    write_bytes_atomic(index_loc.join(name), f.read())
-        shutil.rmtree(staging, ignore_errors=True)
-    logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
-    return {**result, "mode": mode}
 
 
 def _resolve(section: ModelConfig | SamConfig) -> Checkpoint:
@@ -712,7 +553,7 @@ def _run_job(
         index_manifest: dict[str, Any] | None = None
         if config.index.enabled and checkpoint is not None and index_ok:
             index_manifest = build_output_index(
-                config, checkpoint, family.name, output, dim, embedded
+                config, checkpoint, family.name, output, dim, embedded, new_files
             )
         wall = time.time() - started
         groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
