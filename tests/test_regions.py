@@ -88,12 +88,22 @@ def test_crop_box_grows_clamps_and_rounds_outward():
 
 
 def test_settings_are_checked():
-    with pytest.raises(ValueError, match="regions.background must be one of keep, gray"):
-        RegionSettings(background="grey")
-    with pytest.raises(ValueError, match="regions.max_per_image"):
-        RegionSettings(max_per_image=0)
-    with pytest.raises(ValueError, match="regions.min_area"):
-        RegionSettings(min_area=2.0)
+    from vlray.config import ConfigError, build_config
+
+    base = {"input": {"uri": "x"}, "model": {"name": "m"}}
+    bad = {"background": "grey", "max_per_image": 0, "min_area": 2.0, "enabled": True}
+    with pytest.raises(ConfigError) as err:
+        build_config(None, {**base, "regions": bad})
+    text = str(err.value)
+    for expected in (
+        "regions.background: 'grey' is not keep or gray",
+        "regions.max_per_image: must be >= 1",
+        "regions.min_area: 2.0 is not in [0, 1]",
+        "regions.enabled: needs sam.name",
+    ):
+        assert expected in text, text
+    config = build_config(None, {**base, "sam": {"name": "s"}, "regions": {"enabled": "true"}})
+    assert config.regions.enabled and config.regions.max_per_image == 16
 
 
 def test_gray_background_fills_outside_the_mask_only():

@@ -136,6 +136,22 @@ class SamConfig:
 
 
 @dataclass(frozen=True)
+class RegionsConfig:
+    """Region search: SAM's masks of each image embedded by the embedding model (needs both
+    ``model.name`` and ``sam.name``). See ``vlray.regions``."""
+
+    enabled: bool = False
+    max_per_image: int = 16
+    """Regions per image at most, best predicted IoU first."""
+    min_area: float = 0.01
+    """Masks covering less than this fraction of the image are skipped."""
+    context: float = 0.1
+    """The crop is the mask's box grown by this fraction of the box's size on each side."""
+    background: str = "keep"
+    """``keep`` the pixels around the mask, or ``gray``: set them to the processor's mean."""
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Ray resources and batch sizes (all mapped to Ray in ``vlray.pipeline.resources``)."""
 
@@ -195,6 +211,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     sam: SamConfig = field(default_factory=SamConfig)
+    regions: RegionsConfig = field(default_factory=RegionsConfig)
     s3: S3Config = field(default_factory=S3Config)
     demo: bool = False
     """Run on bundled sample images with a random-weight model (no download)."""
@@ -377,6 +394,23 @@ PROCESSOR_KEYS = frozenset(
 families read): anything else is a typo that would be ignored."""
 
 
+def _region_problems(config: JobConfig) -> list[str]:
+    regions, problems = config.regions, []
+    if regions.background not in ("keep", "gray"):
+        problems.append(f"regions.background: {regions.background!r} is not keep or gray")
+    if regions.max_per_image < 1:
+        problems.append("regions.max_per_image: must be >= 1")
+    if not 0.0 <= regions.min_area <= 1.0:
+        problems.append(f"regions.min_area: {regions.min_area} is not in [0, 1]")
+    if not 0.0 <= regions.context <= 10.0:
+        problems.append(f"regions.context: {regions.context} is not in [0, 10]")
+    if regions.enabled and config.input.decode != "exact":
+        problems.append("regions.enabled: crops need input.decode exact (the full frame)")
+    if regions.enabled and not config.sam.name:
+        problems.append("regions.enabled: needs sam.name (a SAM checkpoint beside the model)")
+    return problems
+
+
 def _validate(config: JobConfig) -> list[str]:
     problems = []
     for section in ("model", "sam"):
@@ -397,6 +431,7 @@ def _validate(config: JobConfig) -> list[str]:
         problems.append(f"sam.mode: {config.sam.mode!r} is not auto/automatic/prompted")
     if config.sam.weights not in ("pretrained", "random"):
         problems.append(f"sam.weights: {config.sam.weights!r} is not 'pretrained' or 'random'")
+    problems += _region_problems(config)
     if config.input.decode not in ("exact", "draft", "gpu"):
         problems.append(f"input.decode: {config.input.decode!r} is not exact, draft or gpu")
     if config.input.decode == "gpu" and config.output.thumbnails:

@@ -20,37 +20,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from vlray.config import RegionsConfig
 from vlray.ops.rle import rle_to_mask
 
-BACKGROUNDS = ("keep", "gray")
-
-
-@dataclass(frozen=True)
-class RegionSettings:
-    """``regions.*``: which masks become regions and how they are cropped."""
-
-    enabled: bool = False
-    max_per_image: int = 16
-    """Regions per image at most, best predicted IoU first."""
-    min_area: float = 0.01
-    """Masks covering less than this fraction of the image are skipped."""
-    context: float = 0.1
-    """The crop is the mask's box grown by this fraction of the box's size on each side."""
-    background: str = "keep"
-    """``keep`` the pixels around the mask, or ``gray``: set them to the processor's mean."""
-
-    def __post_init__(self) -> None:
-        if self.max_per_image < 1:
-            raise ValueError(f"regions.max_per_image must be >= 1, got {self.max_per_image}")
-        if not 0.0 <= self.min_area <= 1.0:
-            raise ValueError(f"regions.min_area must be in [0, 1], got {self.min_area}")
-        if not 0.0 <= self.context <= 10.0 or math.isnan(self.context):
-            raise ValueError(f"regions.context must be in [0, 10], got {self.context}")
-        if self.background not in BACKGROUNDS:
-            raise ValueError(
-                f"regions.background must be one of {', '.join(BACKGROUNDS)}, "
-                f"got {self.background!r}"
-            )
+RegionSettings = RegionsConfig
+"""``regions.*`` (``vlray.config.RegionsConfig``): which masks become regions, how they are cropped."""
 
 
 @dataclass(frozen=True)

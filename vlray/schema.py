@@ -113,6 +113,8 @@ class Col:
     ENCODED = "encoded"
     """decode -> encode (``input.decode: gpu``): 1 where the pixels cell holds JPEG bytes."""
     THUMB = "thumb"
+    FRAME = "frame"
+    """decode -> regions (``regions.enabled``): the decoded frame, uint8 RGB, height x width x 3."""
     EMBEDDING = "embedding"
     TOKENS = "tokens"
     TOKEN_GRID = "token_grid"

@@ -42,7 +42,7 @@ def _records(h: int, w: int) -> list[dict]:
 def test_region_stage_rows(siglip2_checkpoint):
     checkpoint = resolve_checkpoint(str(siglip2_checkpoint))
     settings = RegionSettings(enabled=True, max_per_image=2, min_area=0.0)
-    stage = RegionStage(checkpoint, "cpu", torch.float32, settings)
+    stage = RegionStage(checkpoint, "cpu", "float32", settings)
     frames = [decode_image(b, max_pixels=10**8) for _, b in sample_photos(3, seed=2)]
     masks = [json.dumps(_records(*f.shape[:2])) for f in frames]
     masks[1] = "[]"  # an image SAM found nothing in

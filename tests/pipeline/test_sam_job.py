@@ -85,7 +85,8 @@ def _prompted_input(path, photos):
 
 @pytest.fixture(scope="module")
 def one_pass(siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path_factory):
-    """Embeddings, masks and 48-pixel thumbnails in one job over the prompted input."""
+    """Embeddings, masks, regions (at most 4 per image) and 48-pixel thumbnails in one job over
+    the prompted input."""
     tmp_path = tmp_path_factory.mktemp("one-pass")
     photos = _photos()
     _prompted_input(tmp_path / "in.parquet", photos)
@@ -97,6 +98,7 @@ def one_pass(siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path_factory):
             "output": {"uri": str(out), "thumbnails": 48},
             "model": {"name": str(siglip2_checkpoint)},
             "sam": {"name": str(sam_checkpoint), **SAM_FAST},
+            "regions": {"enabled": True, "max_per_image": 4, "min_area": 0.0},
         },
     )
     return tmp_path, out, run_job(config)
@@ -148,6 +150,44 @@ def test_one_pass_embeddings_and_masks(sam_checkpoint, one_pass):
         union = np.logical_or(mask, expected).sum()
         iou = np.logical_and(mask, expected).sum() / union if union else 1.0
         assert iou >= 0.99
+
+
+def test_regions_follow_their_masks_and_match_the_reference(siglip2_checkpoint, one_pass):
+    """Each region: one of its image's masks (best predicted IoU first), the mask's box grown
+    by 10% a side, and the reference processor + model's embedding of that crop."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    from vlray.regions import crop_box, regions_schema
+
+    tmp_path, out, summary = one_pass
+    regions = pa.concat_tables([pq.read_table(f) for f in (out / "regions").glob("*.parquet")])
+    masks = pa.concat_tables([pq.read_table(f) for f in (out / "masks").glob("*.parquet")])
+    assert regions.schema.equals(regions_schema(32)) and summary["regions"] == regions.num_rows
+    by_mask = {(r["id"], r["mask_id"]): r for r in masks.to_pylist()}
+    rows = regions.to_pylist()
+    assert {r["id"] for r in rows} == {r["id"] for r in masks.to_pylist()} - {"broken"}
+    source = {r["id"]: r["image"] for r in pq.read_table(tmp_path / "in.parquet").to_pylist()}
+    processor = AutoImageProcessor.from_pretrained(siglip2_checkpoint)
+    model = AutoModel.from_pretrained(siglip2_checkpoint).eval()
+    for item_id in {r["id"] for r in rows}:
+        mine = [r for r in rows if r["id"] == item_id]
+        theirs = sorted(
+            (m for (i, _), m in by_mask.items() if i == item_id),
+            key=lambda m: (-m["predicted_iou"], m["mask_id"]),
+        )
+        assert [r["mask_id"] for r in mine] == [m["mask_id"] for m in theirs[:4]]
+        original = Image.open(io.BytesIO(source[item_id])).convert("RGB")
+        for region in mine:
+            mask = by_mask[(item_id, region["mask_id"])]
+            h, w = original.height, original.width
+            assert tuple(region["bbox"]) == crop_box(mask["bbox"], h, w, 0.1)
+            assert region["area"] == mask["area"]
+            x, y, bw, bh = region["bbox"]
+            crop = original.crop((x, y, x + bw, y + bh))
+            with torch.no_grad():
+                expected = model.get_image_features(**processor(images=[crop], return_tensors="pt"))
+            expected = torch.nn.functional.normalize(expected.pooler_output, dim=-1)[0]
+            assert float(torch.dot(expected, torch.tensor(region["embedding"]))) >= 0.999
 
 
 def test_thumbnails_and_masks_are_served(one_pass):

@@ -188,6 +188,18 @@ class WriteStage:
             pass
         return len(jobs)
 
+    def _write_regions(self, batch: dict[str, np.ndarray], ok: np.ndarray, name: str) -> int:
+        """``regions/NAME`` from the rows' region cells (before the embeddings part, like
+        masks); returns how many regions."""
+        from vlray.pipeline.regions_stage import read_regions_cell
+
+        tables = [t for t in map(read_regions_cell, batch["regions"][ok]) if t is not None]
+        if not tables:
+            return 0
+        table = pa.concat_tables(tables)
+        write_parquet_atomic(self.output.join("regions", name), table)
+        return table.num_rows
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         errors = batch["error"].astype(str)
@@ -216,6 +228,7 @@ class WriteStage:
                     }
                 )
                 write_parquet_atomic(self.output.join("segmented", name), done)
+        n_regions = self._write_regions(batch, ok, name) if "regions" in batch and n_ok else 0
         if "tokens" in batch and n_ok:  # like masks: before the embeddings part commits them
             write_parquet_atomic(
                 self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
@@ -246,6 +259,10 @@ class WriteStage:
             "embedded": np.array([n_ok if self.schema is not None else 0]),
             "segmented": np.array([n_ok if "masks" in batch else 0]),
             "masks": np.array([n_masks]),
+            "regions": np.array([n_regions]),
+            "regions_skipped": np.array(
+                [int(batch["regions_skipped"][ok].sum()) if "regions_skipped" in batch else 0]
+            ),
             "thumbnails": np.array([n_thumbs]),
             "errors": np.array([n_err]),
             "groups": np.array([groups]),
@@ -253,6 +270,7 @@ class WriteStage:
             "decode_s": np.array([float(batch["decode_s"].sum())]),
             "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
             "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
+            "region_s": np.array([float(batch["region_s"].sum()) if "region_s" in batch else 0.0]),
             "write_s": np.array([time.perf_counter() - start]),
             **{f"errors_{s}": np.array([int((stage[failed] == s).sum())]) for s in STAGES},
             "undone": np.array([int((stage == TRANSIENT).sum())]),

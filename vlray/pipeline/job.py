@@ -19,6 +19,7 @@ from vlray.families.base import Capability, Family
 from vlray.index.update import build_output_index
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.progress import Progress
+from vlray.pipeline.regions_stage import RegionStage
 from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
@@ -74,6 +75,7 @@ def build_dataset(
     """
     import ray.data
 
+    regions = config.regions.enabled and checkpoint is not None and sam_checkpoint is not None
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     ds = rows if rows is not None else _read(config, plan, stages, sam_checkpoint is not None)
@@ -100,6 +102,7 @@ def build_dataset(
             "checkpoint": checkpoint,
             "sam_checkpoint": sam_checkpoint,
             **decoding,
+            "frames": regions,
         },
         batch_size=config.compute.decode_batch_size,
         batch_format="pyarrow",
@@ -116,6 +119,20 @@ def build_dataset(
                 "device": stages.device,
                 "dtype": config.model.dtype,
                 "settings": config.sam,
+                "threads": stages.encode_threads,
+            },
+            batch_size=config.sam.batch_size,
+            batch_format="numpy",
+            **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
+        )
+    if regions:
+        ds = ds.map_batches(
+            RegionStage,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "device": stages.device,
+                "dtype": config.model.dtype,
+                "settings": config.regions,
                 "threads": stages.encode_threads,
             },
             batch_size=config.sam.batch_size,
@@ -202,6 +219,8 @@ STAT_KEYS = (
     "embedded",
     "segmented",
     "masks",
+    "regions",
+    "regions_skipped",
     "thumbnails",
     "errors",
     "undone",
@@ -211,6 +230,7 @@ STAT_KEYS = (
     "decode_s",
     "encode_s",
     "mask_s",
+    "region_s",
     "write_s",
     *(f"errors_{stage}" for stage in STAGES),
 )
@@ -466,6 +486,8 @@ def _run_job(
         checkpoint is None or not family.supports(Capability.TOKEN_MATRICES)
     ):
         raise CheckpointError(f"model.store_tokens: {family.name} models have no token matrix")
+    if config.regions.enabled and (checkpoint is None or sam_checkpoint is None):
+        raise CheckpointError("regions.enabled: needs an embedding model and sam.name (SAM)")
     dim = family.embedding_dim if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)
@@ -494,6 +516,7 @@ def _run_job(
             ensure_ray(config, quiet)
             stops.install()  # again: ray.init sets its own SIGTERM handler
             models = (checkpoint is not None) + (sam_checkpoint is not None)
+            models += bool(config.regions.enabled and checkpoint and sam_checkpoint)
             model_bytes = checkpoint.vision_bytes() if checkpoint else 0
             stages = plan_resources(
                 config.compute,
@@ -562,6 +585,8 @@ def _run_job(
             "embedded": embedded,
             "segmented": segmented,
             "masks": int(totals.get("masks", 0)),
+            "regions": int(totals.get("regions", 0)),
+            "regions_skipped": int(totals.get("regions_skipped", 0)),
             "thumbnails": int(totals.get("thumbnails", 0)),
             "errors": errors,
             "skipped_done": plan.skipped,

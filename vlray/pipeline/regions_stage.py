@@ -23,9 +23,11 @@ import torch
 from vlray.families import Checkpoint, UnsupportedImage, family_for
 from vlray.families.base import Family, ImageEncoder
 from vlray.families.batch import preprocess_images
+from vlray.pipeline.stages import resolve_dtype
 from vlray.regions import Region, RegionSettings, image_regions, regions_table
+from vlray.schema import Col
 
-FRAME_COLUMN = "frame"
+FRAME_COLUMN = Col.FRAME
 REGIONS_COLUMN = "regions"
 
 
@@ -74,14 +76,16 @@ class RegionStage:
         self,
         checkpoint: Checkpoint,
         device: str,
-        dtype: torch.dtype,
+        dtype: str,
         settings: RegionSettings,
         threads: int = 0,
     ) -> None:
         if threads > 0:
             torch.set_num_threads(threads)
         self.family = family_for(checkpoint)
-        self.encoder = self.family.load_encoder(torch.device(device), dtype)
+        self.encoder = self.family.load_encoder(
+            torch.device(device), resolve_dtype(dtype, torch.device(device))
+        )
         self.settings = settings
         # the gray background: the processor's mean colour (0.5 where a config leaves it out)
         self.mean = tuple(checkpoint.processor.get("image_mean", (0.5, 0.5, 0.5)))

@@ -72,9 +72,11 @@ class DecodeStage:
         decode: str = "exact",
         thumbnails: int = 0,
         max_bytes: int = InputConfig.max_bytes,
+        frames: bool = False,
     ) -> None:
         torch.set_num_threads(1)
         self.max_bytes = max_bytes
+        self.frames = frames  # regions: the decoded frame itself travels on (uint8 RGB bytes)
         large_pil_blocks()
         self.thumbnails = thumbnails
         self.draft = decode == "draft"
@@ -169,6 +171,8 @@ class DecodeStage:
             row[images.pixels] = resized.reshape(-1).data
         if self.thumbnails:
             row[Col.THUMB] = make_thumbnail(pixels, self.thumbnails)
+        if self.frames:
+            row[Col.FRAME] = np.ascontiguousarray(pixels[..., :3]).reshape(-1).data
         return "", ""
 
     def _pass_encoded(
@@ -228,6 +232,8 @@ class DecodeStage:
             types.update({images.th: pa.int32(), images.tw: pa.int32(), images.pixels: pa.binary()})
         if self.thumbnails:
             types[Col.THUMB] = pa.binary()
+        if self.frames:
+            types[Col.FRAME] = pa.binary()
         if self.gpu:
             types[Col.ENCODED] = pa.int32()
         return types
