@@ -239,6 +239,18 @@ def _query_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     p.add_argument(
+        "--regions",
+        action="store_true",
+        help="search the regions (SAM masks) index: hits carry mask_id and bbox",
+    )
+    p.add_argument(
+        "--per-image",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --regions: at most N regions of one image (default: no limit)",
+    )
+    p.add_argument(
         "--json", action="store_true", help='print a JSON list of {"id", "score"}, best first'
     )
     p.add_argument(
@@ -268,12 +280,17 @@ def query_main(argv: list[str] | None = None) -> int:
 def _query(args: argparse.Namespace) -> int:
     from vlray.query import QueryError, Searcher
 
-    if args.k < 1:
-        print("error: -k must be >= 1", file=sys.stderr)
+    if args.k < 1 or args.per_image < 0:
+        print("error: -k must be >= 1 and --per-image >= 0", file=sys.stderr)
         return 2
     try:
         s3 = build_config(None, {**parse_assignments(args.set), "demo": True}).s3
-        searcher = Searcher.open(args.index, s3, args.model)
+        if args.regions:
+            from vlray.region_query import RegionSearcher
+
+            searcher = RegionSearcher.open(args.index, s3, args.model, args.per_image)
+        else:
+            searcher = Searcher.open(args.index, s3, args.model)
         if args.text is not None:
             hits = searcher.by_text(args.text, args.k)
         elif args.image is not None:
@@ -295,5 +312,6 @@ def _query(args: argparse.Namespace) -> int:
     )
     for rank, hit in enumerate(hits, 1):
         extra = f"  p={hit['probability']:.4f}" if "probability" in hit else ""
-        print(f"{rank:3d}. {hit['score']:.4f}{extra}  {hit['id']}")
+        where = f"  mask {hit['mask_id']} at {hit['bbox']}" if "mask_id" in hit else ""
+        print(f"{rank:3d}. {hit['score']:.4f}{extra}  {hit['id']}{where}")
     return 0

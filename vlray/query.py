@@ -30,8 +30,9 @@ class QueryError(ValueError):
     """A query that cannot be answered; the message says why."""
 
 
-def _local_index_dir(uri: str, s3: S3Config | None) -> str:
-    """The index folder on local disk; an ``s3://`` index is cached and reused while unchanged."""
+def _local_index_dir(uri: str, s3: S3Config | None, files: tuple[str, ...] = ()) -> str:
+    """The index folder on local disk; an ``s3://`` index is cached and reused while unchanged
+    (its index files, and ``files`` beside them)."""
     location = locate(uri, s3)
     if location.is_local:
         if not os.path.exists(os.path.join(location.path, "manifest.json")):
@@ -51,7 +52,7 @@ def _local_index_dir(uri: str, s3: S3Config | None) -> str:
     # every file in the cache is the one the manifest belongs to
     if (cache / "manifest.json").exists() and (cache / "manifest.json").read_bytes() == manifest:
         return str(cache)
-    for name in INDEX_FILES:
+    for name in (*files, *INDEX_FILES):  # manifest.json last
         (cache / f".{name}").write_bytes(
             read_bytes(location.join(name)) if name != "manifest.json" else manifest
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -188,6 +189,45 @@ def test_regions_follow_their_masks_and_match_the_reference(siglip2_checkpoint, 
                 expected = model.get_image_features(**processor(images=[crop], return_tensors="pt"))
             expected = torch.nn.functional.normalize(expected.pooler_output, dim=-1)[0]
             assert float(torch.dot(expected, torch.tensor(region["embedding"]))) >= 0.999
+
+
+def test_region_queries(one_pass, capsys):
+    """``jobs/query.py --regions``: the best regions (several per image, or --per-image N),
+    scored against the regions' own embeddings; --id searches with the image's vector."""
+    from vlray.cli import query_main
+    from vlray.query import Searcher
+
+    _, out, summary = one_pass
+    regions = pa.concat_tables([pq.read_table(f) for f in (out / "regions").glob("*.parquet")])
+    assert summary["region_index"]["count"] == regions.num_rows
+    vectors = {
+        (r["id"], r["mask_id"]): (np.asarray(r["embedding"]), r["bbox"])
+        for r in regions.to_pylist()
+    }
+    index = str(out / "index")
+    text = Searcher.open(index).family.load_text_encoder(torch.device("cpu"), torch.float32)
+    query = text.encode(["a red bicycle"])[0].numpy()
+    assert (
+        query_main(["--index", index, "--regions", "--text", "a red bicycle", "-k", "50", "--json"])
+        == 0
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == regions.num_rows  # k over the count: every region once
+    assert {(h["id"], h["mask_id"]) for h in hits} == set(vectors)
+    expected = sorted((float(v @ query) for v, _ in vectors.values()), reverse=True)
+    np.testing.assert_allclose([h["score"] for h in hits], expected, atol=1e-4)  # best first
+    for hit in hits:
+        vector, bbox = vectors[(hit["id"], hit["mask_id"])]
+        assert hit["bbox"] == bbox and abs(hit["score"] - float(vector @ query)) < 1e-4
+    assert (
+        query_main(["--index", index, "--regions", "--per-image", "1", "--id", "points", "--json"])
+        == 0
+    )
+    hits = json.loads(capsys.readouterr().out)
+    assert len({h["id"] for h in hits}) == len(hits) == len({i for i, _ in vectors})
+    image_vector = np.asarray(Searcher.open(index).index.vector("points"))
+    best = max(float(v @ image_vector) for v, _ in vectors.values())
+    assert abs(hits[0]["score"] - best) < 1e-4
 
 
 def test_thumbnails_and_masks_are_served(one_pass):

@@ -25,6 +25,7 @@ from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
 from vlray.pipeline.state import LockLost, RunFailed, RunLock
 from vlray.pipeline.stop import RunStopped, StopRequested, StopSignals, hold_stops, signal_name
+from vlray.region_index import build_region_index
 from vlray.schema import STAGES
 from vlray.storage import (
     Location,
@@ -240,6 +241,7 @@ OUTPUT_FOLDERS = {
     "embeddings": "embedded",
     "segmented": "segmented",
     "masks": "masks",
+    "regions": "regions",
     "thumbnails": "thumbnails",
     "errors": "errors",
 }
@@ -578,6 +580,14 @@ def _run_job(
             index_manifest = build_output_index(
                 config, checkpoint, family.name, output, dim, embedded, new_files
             )
+        region_manifest = None
+        if index_manifest is not None and config.regions.enabled:
+            region_manifest = build_region_index(
+                output,
+                dim,
+                int(config.index.memory_budget_gb * (1 << 30)),
+                _index_manifest_fields(config, checkpoint, family.name),
+            )
         wall = time.time() - started
         groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
         summary = {
@@ -633,6 +643,8 @@ def _run_job(
                 totals, index_manifest is not None, config.model.store_tokens
             ),
             "text_queries": checkpoint is not None and can_embed_text(family),
+            "region_index": region_manifest
+            and {k: region_manifest.get(k) for k in ("factory", "count", "dim")},
             "config": to_dict(config),
         }
         write_bytes_atomic(
