@@ -3,10 +3,11 @@
 Reference: transformers' ``mask-generation`` pipeline, then the reference processor + model on
 the crops of its masks (PIL crops of the original image, one batched processor call per image).
 vlray: its SAM mask generator, ``vlray.regions.image_regions`` crops of the decoded frame, then
-``preprocess_images`` (grouped by target shape) and the family's encoder. Same photos, same SAM
-settings, same crop rules (best predicted IoU first, max per image, min area, context), same
-process; tiny random checkpoints (the real SAM frame of 1024). Checks the same number of regions
-and the cosine of region embeddings; prints regions/s of both and the ratio.
+``encode_regions`` (the job's region stage: crops grouped by target shape, the family's
+encoder). Same photos, same SAM settings, same crop rules (best predicted IoU first, max per
+image, min area, context), same process; tiny random checkpoints (the real SAM frame of 1024;
+thresholds 0 so random weights still give many masks). Checks the same number of regions and
+the cosine of region embeddings; prints regions/s of both and the ratio.
 
     python bench/regions.py [--images 2] [--points-per-side 16]
 """
@@ -25,9 +26,9 @@ import torch
 from PIL import Image
 
 from vlray.families import family_for, resolve_checkpoint
-from vlray.families.batch import preprocess_images
 from vlray.ops.decode import decode_image
 from vlray.ops.resize import resize_uint8
+from vlray.pipeline.regions_stage import encode_regions
 from vlray.regions import RegionSettings, crop_box, image_regions
 from vlray.testing.checkpoints import save_tiny_sam, save_tiny_siglip2
 from vlray.testing.images import sample_photos
@@ -44,8 +45,8 @@ def _reference_regions(sam_pipe, processor, model, image, args, settings) -> tor
         points_per_crop=args.points_per_side,
         points_per_batch=args.points_per_batch,
         crops_nms_thresh=0.7,
-        pred_iou_thresh=0.5,
-        stability_score_thresh=0.3,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
     )
     masks = [np.asarray(m, dtype=bool) for m in out["masks"]]
     scores = [float(s) for s in out["scores"]]
@@ -78,17 +79,13 @@ def _vlray_regions(sam, generator, family, encoder, image, args, settings) -> to
         size,
         points_per_side=args.points_per_side,
         points_per_batch=args.points_per_batch,
-        pred_iou_thresh=0.5,
-        stability_score_thresh=0.3,
+        pred_iou_thresh=args.pred_iou_thresh,
+        stability_score_thresh=args.stability_thresh,
         box_nms_thresh=0.7,
     )
     regions = image_regions(image, records, settings)
-    if not regions:
-        return torch.empty(0)
-    vectors = torch.empty(len(regions), family.embedding_dim)
-    for indices, inputs in preprocess_images(family, [pixels for _, pixels in regions]):
-        vectors[indices] = encoder.encode(inputs)
-    return vectors
+    vectors, accepted = encode_regions(family, encoder, [pixels for _, pixels in regions])
+    return torch.from_numpy(vectors[accepted])
 
 
 def main() -> None:
@@ -97,6 +94,8 @@ def main() -> None:
     parser.add_argument("--points-per-side", type=int, default=16)
     parser.add_argument("--points-per-batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--pred-iou-thresh", type=float, default=0.0)
+    parser.add_argument("--stability-thresh", type=float, default=0.0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoImageProcessor, AutoModel, SamImageProcessor, SamModel, pipeline
