@@ -120,7 +120,7 @@ def regions_schema(dim: int) -> pa.Schema:
         [
             ("id", pa.string()),
             ("mask_id", pa.int32()),
-            ("bbox", pa.list_(pa.int32(), 4)),
+            ("bbox", pa.list_(pa.float32())),  # whole pixels, as floats like masks/' bbox
             ("area", pa.int64()),
             ("score", pa.float32()),
             ("embedding", pa.list_(pa.float32(), dim)),
@@ -139,7 +139,7 @@ def regions_table(
         {
             "id": pa.array(list(ids), pa.string()),
             "mask_id": pa.array([r.mask_id for r in regions], pa.int32()),
-            "bbox": pa.array([list(r.box) for r in regions], pa.list_(pa.int32(), 4)),
+            "bbox": pa.array([list(map(float, r.box)) for r in regions], pa.list_(pa.float32())),
             "area": pa.array([r.area for r in regions], pa.int64()),
             "score": pa.array([r.score for r in regions], pa.float32()),
             "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),

@@ -66,7 +66,8 @@ def test_region_stage_rows(siglip2_checkpoint):
         for bbox, vector in zip(
             table.column("bbox").to_pylist(), table.column("embedding").to_pylist(), strict=True
         ):
-            x, y, w, h = bbox
+            x, y, w, h = map(int, bbox)
+            assert [x, y, w, h] == bbox  # whole pixels
             crop = frames[row][y : y + h, x : x + w]
             ((_, inputs),) = preprocess_images(family, [crop])
             alone = encoder.encode(inputs)[0].numpy()

@@ -183,7 +183,7 @@ def test_regions_follow_their_masks_and_match_the_reference(siglip2_checkpoint, 
             h, w = original.height, original.width
             assert tuple(region["bbox"]) == crop_box(mask["bbox"], h, w, 0.1)
             assert region["area"] == mask["area"]
-            x, y, bw, bh = region["bbox"]
+            x, y, bw, bh = map(int, region["bbox"])
             crop = original.crop((x, y, x + bw, y + bh))
             with torch.no_grad():
                 expected = model.get_image_features(**processor(images=[crop], return_tensors="pt"))
