@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 from vlray.config import ConfigError, JobConfig, ModelConfig, OutputConfig, SamConfig, to_dict
 from vlray.families import Checkpoint, CheckpointError, family_for, resolve_checkpoint
 from vlray.families.base import Capability, Family
-from vlray.index.update import build_output_index
+from vlray.index.update import build_output_index, index_manifest_fields
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.progress import Progress
 from vlray.pipeline.regions_stage import RegionStage
@@ -586,7 +586,7 @@ def _run_job(
                 output,
                 dim,
                 int(config.index.memory_budget_gb * (1 << 30)),
-                _index_manifest_fields(config, checkpoint, family.name),
+                index_manifest_fields(config, checkpoint, family.name),
             )
         wall = time.time() - started
         groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
