@@ -24,4 +24,6 @@ if [ -z "${VLRAY_NO_BROWSER:-}" ] && ! command -v chromium >/dev/null 2>&1 \
 fi
 step "environment ready; running the tests"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q "$@"
+# two workers, each test file on one of them (module fixtures built once): 699 tests in 609 s
+# instead of 868 s on 2 cores (2026-12-03)
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
