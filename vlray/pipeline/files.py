@@ -163,6 +163,21 @@ def tokens_table(batch: dict[str, np.ndarray], ok: np.ndarray, dim: int) -> pa.T
     )
 
 
+def errors_table(
+    batch: dict[str, np.ndarray], failed: np.ndarray, stage: np.ndarray, errors: np.ndarray
+) -> pa.Table:
+    """``ERRORS_SCHEMA`` rows for the rows selected by ``failed``."""
+    return pa.table(
+        {
+            "id": id_array(batch["id"][failed]),
+            "stage": pa.array(stage[failed]),
+            "error": pa.array(errors[failed]),
+            "source": pa.array(batch["source"][failed].astype(str)),
+        },
+        schema=ERRORS_SCHEMA,
+    )
+
+
 class WriteStage:
     """Writes the batch's masks, embeddings and errors files (each atomically), returns counts.
 
@@ -188,6 +203,22 @@ class WriteStage:
             pass
         return len(jobs)
 
+    def _write_masks(self, batch: dict[str, np.ndarray], ok: np.ndarray, name: str) -> int:
+        """``masks/NAME`` (and, SAM alone, the done marker ``segmented/NAME``: a row with no
+        mask is still done); returns how many masks."""
+        table = masks_table(batch["id"][ok], batch["masks"][ok])
+        if table.num_rows:
+            write_parquet_atomic(self.output.join("masks", name), table)
+        if self.schema is None:
+            done = pa.table(
+                {
+                    "id": id_array(batch["id"][ok]),
+                    "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
+                }
+            )
+            write_parquet_atomic(self.output.join("segmented", name), done)
+        return table.num_rows
+
     def _write_regions(self, batch: dict[str, np.ndarray], ok: np.ndarray, name: str) -> int:
         """``regions/NAME`` from the rows' region cells (before the embeddings part, like
         masks); returns how many regions."""
@@ -210,24 +241,11 @@ class WriteStage:
         name = part_name([str(i) for i in batch["id"]])
         n_ok = int(ok.sum())
         n_err = int(failed.sum())
-        n_masks = 0
-        # thumbnails and masks before embeddings/: a row counts as done once it is there
+        # thumbnails, masks, regions, tokens before embeddings/: a row is done once it is there
         n_thumbs = (
             self._write_thumbnails(batch["id"][ok], batch["thumb"][ok]) if "thumb" in batch else 0
         )
-        if "masks" in batch and n_ok:
-            table = masks_table(batch["id"][ok], batch["masks"][ok])
-            n_masks = table.num_rows
-            if n_masks:
-                write_parquet_atomic(self.output.join("masks", name), table)
-            if self.schema is None:  # SAM alone: a row with no mask is still done
-                done = pa.table(
-                    {
-                        "id": id_array(batch["id"][ok]),
-                        "mask_count": pa.array(batch["mask_count"][ok], pa.int32()),
-                    }
-                )
-                write_parquet_atomic(self.output.join("segmented", name), done)
+        n_masks = self._write_masks(batch, ok, name) if "masks" in batch and n_ok else 0
         n_regions = self._write_regions(batch, ok, name) if "regions" in batch and n_ok else 0
         if "tokens" in batch and n_ok:  # like masks: before the embeddings part commits them
             write_parquet_atomic(
@@ -237,16 +255,9 @@ class WriteStage:
             table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
             write_parquet_atomic(self.output.join("embeddings", name), table)
         if n_err:
-            table = pa.table(
-                {
-                    "id": id_array(batch["id"][failed]),
-                    "stage": pa.array(stage[failed]),
-                    "error": pa.array(errors[failed]),
-                    "source": pa.array(batch["source"][failed].astype(str)),
-                },
-                schema=ERRORS_SCHEMA,
+            write_parquet_atomic(
+                self.output.join("errors", name), errors_table(batch, failed, stage, errors)
             )
-            write_parquet_atomic(self.output.join("errors", name), table)
         systemic = np.flatnonzero(stage == SYSTEMIC)
         first = int(systemic[0]) if len(systemic) else -1
         groups = batches = 0.0
@@ -267,10 +278,10 @@ class WriteStage:
             "errors": np.array([n_err]),
             "groups": np.array([groups]),
             "batches": np.array([batches]),
-            "decode_s": np.array([float(batch["decode_s"].sum())]),
-            "encode_s": np.array([float(batch["encode_s"].sum()) if "encode_s" in batch else 0.0]),
-            "mask_s": np.array([float(batch["mask_s"].sum()) if "mask_s" in batch else 0.0]),
-            "region_s": np.array([float(batch["region_s"].sum()) if "region_s" in batch else 0.0]),
+            **{
+                key: np.array([float(batch[key].sum()) if key in batch else 0.0])
+                for key in ("decode_s", "encode_s", "mask_s", "region_s")
+            },
             "write_s": np.array([time.perf_counter() - start]),
             **{f"errors_{s}": np.array([int((stage[failed] == s).sum())]) for s in STAGES},
             "undone": np.array([int((stage == TRANSIENT).sum())]),

@@ -113,34 +113,35 @@ def build_dataset(
     if checkpoint is not None:
         ds = _encode(ds, config, checkpoint, stages)
     if sam_checkpoint is not None:
-        ds = ds.map_batches(
-            MaskStage,
-            fn_constructor_kwargs={
-                "checkpoint": sam_checkpoint,
-                "device": stages.device,
-                "dtype": config.model.dtype,
-                "settings": config.sam,
-                "threads": stages.encode_threads,
-            },
-            batch_size=config.sam.batch_size,
-            batch_format="numpy",
-            **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
-        )
+        ds = _model_stage(ds, MaskStage, sam_checkpoint, config.sam, config, stages)
     if regions:
-        ds = ds.map_batches(
-            RegionStage,
-            fn_constructor_kwargs={
-                "checkpoint": checkpoint,
-                "device": stages.device,
-                "dtype": config.model.dtype,
-                "settings": config.regions,
-                "threads": stages.encode_threads,
-            },
-            batch_size=config.sam.batch_size,
-            batch_format="numpy",
-            **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
-        )
+        ds = _model_stage(ds, RegionStage, checkpoint, config.regions, config, stages)
     return _write(ds, config, output, stages, dim)
+
+
+def _model_stage(
+    ds: Any,
+    stage: type,
+    checkpoint: Checkpoint,
+    settings: Any,
+    config: JobConfig,
+    stages: StagePlan,
+) -> Any:
+    """A model stage after the encoder (SAM masks, regions): on the encoders' actor pool and
+    device, in SAM-sized batches (``sam.batch_size``), its section's ``settings``."""
+    return ds.map_batches(
+        stage,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "device": stages.device,
+            "dtype": config.model.dtype,
+            "settings": settings,
+            "threads": stages.encode_threads,
+        },
+        batch_size=config.sam.batch_size,
+        batch_format="numpy",
+        **actor_stage(stages.encode_actors, stages.encode_cpus, stages.encode_gpus),
+    )
 
 
 def _read(config: JobConfig, plan: Any, stages: StagePlan, prompts: bool) -> Any:
