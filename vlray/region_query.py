@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from vlray.config import S3Config
 from vlray.index import SearchIndex
 from vlray.query import QueryError, Searcher, _local_index_dir
-from vlray.region_index import META_FILE, REGIONS_DIR
+from vlray.region_index import META_FILE, REGIONS_DIR, region_key
 from vlray.storage import scrub
 
 OVERSAMPLE = 8
@@ -63,7 +63,7 @@ class RegionSearcher(Searcher):
         except (OSError, ValueError) as exc:
             raise QueryError(f"cannot load region index of {uri}: {scrub(str(exc), s3)}") from None
         boxes = {
-            json.dumps([i, m], ensure_ascii=False): b
+            region_key(i, m): b
             for i, m, b in zip(
                 meta.column("id").to_pylist(),
                 meta.column("mask_id").to_pylist(),
