@@ -258,15 +258,56 @@ def written_folders(totals: dict[str, float], index: bool, tokens: bool = False)
     return folders + (["index"] if index else [])
 
 
-def can_embed_text(family: Family) -> bool:
-    """Whether the checkpoint answers text queries (the one place that asks): the families'
-    capability contract where it exists, else whether the family has a text encoder."""
-    from vlray.families import base
+def _build_indexes(
+    config: JobConfig,
+    checkpoint: Checkpoint,
+    family_name: str,
+    output: Location,
+    dim: int,
+    embedded: int,
+    new_files: list[str],
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(image index manifest, region index manifest or None): index/ brought up to date with
+    this run's committed files, then index/regions/ when the job embeds regions."""
+    index_manifest = build_output_index(
+        config, checkpoint, family_name, output, dim, embedded, new_files
+    )
+    if not config.regions.enabled:
+        return index_manifest, None
+    region_manifest = build_region_index(
+        output,
+        dim,
+        int(config.index.memory_budget_gb * (1 << 30)),
+        index_manifest_fields(config, checkpoint, family_name),
+    )
+    return index_manifest, region_manifest
 
-    contract = getattr(base, "Capability", None)
-    if contract is not None:  # becomes the only line once the contract is in every tree
-        return bool(family.supports(contract.TEXT_EMBEDDINGS))
-    return type(family).load_text_encoder is not Family.load_text_encoder
+
+def _throughput(
+    rows: int, embedded: int, totals: dict[str, float], job_seconds: float
+) -> dict[str, Any]:
+    """The summary's speed fields: job time, images/s, per-stage busy time, encoder buckets."""
+    stages = ("decode", "encode", "mask", "write")
+    groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
+    return {
+        "job_seconds": round(job_seconds, 3),
+        "images_per_second": round(rows / job_seconds, 2) if job_seconds else 0.0,
+        "stage_busy_seconds": {k: round(totals.get(f"{k}_s", 0.0), 3) for k in stages},
+        "per_stage_images_per_busy_second": {
+            k: round(rows / totals[f"{k}_s"], 1) if totals.get(f"{k}_s") else None for k in stages
+        },
+        "buckets": {
+            "groups": round(groups),
+            "encoder_batches": round(batches),
+            "groups_per_batch": round(groups / batches, 3) if batches else 0.0,
+            "mean_group_size": round(embedded / groups, 2) if groups else 0.0,
+        },
+    }
+
+
+def can_embed_text(family: Family) -> bool:
+    """Whether the checkpoint answers text queries (the families' capability contract)."""
+    return bool(family.supports(Capability.TEXT_EMBEDDINGS))
 
 
 def _budget_failure(totals: dict[str, float], output: OutputConfig) -> str:
@@ -576,21 +617,12 @@ def _run_job(
             )
         if not failure and plan.rows != done_rows + errors:
             failure = f"accounting mismatch: {plan.rows} rows in, {done_rows + errors} out"
-        index_manifest: dict[str, Any] | None = None
+        index_manifest = region_manifest = None
         if config.index.enabled and checkpoint is not None and index_ok:
-            index_manifest = build_output_index(
+            index_manifest, region_manifest = _build_indexes(
                 config, checkpoint, family.name, output, dim, embedded, new_files
             )
-        region_manifest = None
-        if index_manifest is not None and config.regions.enabled:
-            region_manifest = build_region_index(
-                output,
-                dim,
-                int(config.index.memory_budget_gb * (1 << 30)),
-                index_manifest_fields(config, checkpoint, family.name),
-            )
         wall = time.time() - started
-        groups, batches = totals.get("groups", 0.0), totals.get("batches", 0.0)
         summary = {
             "rows_in": plan.rows,
             "embedded": embedded,
@@ -614,22 +646,7 @@ def _run_job(
             "accounted": plan.rows == done_rows + errors + undone
             and (committed, committed_errors) == (done_rows, errors),
             "wall_seconds": round(wall, 3),
-            "job_seconds": round(job_seconds, 3),
-            "images_per_second": round(plan.rows / job_seconds, 2) if job_seconds else 0.0,
-            "stage_busy_seconds": {
-                k: round(totals.get(f"{k}_s", 0.0), 3)
-                for k in ("decode", "encode", "mask", "write")
-            },
-            "per_stage_images_per_busy_second": {
-                k: round(plan.rows / totals[f"{k}_s"], 1) if totals.get(f"{k}_s") else None
-                for k in ("decode", "encode", "mask", "write")
-            },
-            "buckets": {
-                "groups": round(groups),
-                "encoder_batches": round(batches),
-                "groups_per_batch": round(groups / batches, 3) if batches else 0.0,
-                "mean_group_size": round(embedded / groups, 2) if groups else 0.0,
-            },
+            **_throughput(plan.rows, embedded, totals, job_seconds),
             "device": stages.device if stages else "none (nothing to do)",
             "resources": asdict(stages) if stages else None,
             "model": (checkpoint or sam_checkpoint).name,
