@@ -117,6 +117,36 @@ def test_tuned_nprobe_reaches_target_on_held_out_queries(tmp_path):
         assert _recall(index, data, held_out) < _recall(SearchIndex.load(tmp_path), data, held_out)
 
 
+def test_latency_cap_stops_the_grid_before_the_target(tmp_path, monkeypatch):
+    from vlray.index import tune as tune_mod
+
+    data = np.random.default_rng(0).standard_normal((20_000, 32)).astype(np.float32)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)  # no clusters: needs wide probing
+    # every setting wider than nprobe 4 "costs" 100 ms: the grid stops there, below the target
+    monkeypatch.setattr(
+        tune_mod,
+        "query_ms",
+        lambda index, truth: 100.0 if faiss.extract_index_ivf(index).nprobe > 4 else 1.0,
+    )
+    manifest = build_index(
+        _batches(data), tmp_path, dim=32, count=len(data), factory="IVF128,Flat", target_recall=0.99
+    )
+    assert manifest["search_params"]["nprobe"] <= 4
+    assert manifest["tuning"]["latency_capped"] == tune_mod.MAX_QUERY_MS
+    assert manifest["tuning"]["recall"] < 0.99
+
+
+def test_query_ms_times_single_queries():
+    from vlray.index.tune import ExactTopK, query_ms
+
+    x = _clustered(2000, 16, 10, seed=1)
+    index = faiss.IndexFlatIP(16)
+    index.add(x)
+    truth = ExactTopK(np.arange(8), 16)
+    truth.take(x, 0)
+    assert 0.0 < query_ms(index, truth) < 1000.0
+
+
 def test_fast_scan_opq_two_level_training(tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "TWO_LEVEL_MIN_NLIST", 64)  # exercise the big-nlist path
     monkeypatch.setattr(build_mod, "OPQ_NITER", 2)

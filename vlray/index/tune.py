@@ -1,5 +1,5 @@
 """Search-parameter tuning: exact top-k of a few held-out queries, then the cheapest
-``nprobe`` / ``efSearch`` that reaches a target recall.
+``nprobe`` / ``efSearch`` that reaches a target recall within a latency cap.
 
 The queries are stored vectors picked at seeded random positions; each query's own position
 is left out of both the exact and the approximate results, so a query is never its own
@@ -8,15 +8,20 @@ is left out of both the exact and the approximate results, so a query is never i
 
 from __future__ import annotations
 
+import time
+
 import faiss
 import numpy as np
 
 TUNE_QUERIES = 256
 TUNE_K = 10
 TARGET_RECALL = 0.95
-NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+NPROBE_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 EF_GRID = (16, 32, 64, 128, 256, 512)
 QUANTIZER_EF_MIN = 64
+MAX_QUERY_MS = 25.0
+"""Median single-query latency (ms, k=10) a tuned setting may cost; a wider one is not tried."""
+LATENCY_QUERIES = 16
 
 
 class ExactTopK:
@@ -84,6 +89,17 @@ def recall(index: faiss.Index, truth: ExactTopK) -> float:
     return hits / expected if expected else 1.0
 
 
+def query_ms(index: faiss.Index, truth: ExactTopK, n: int = LATENCY_QUERIES) -> float:
+    """Median wall time (ms) of ``n`` single-query searches (k + 1 results) of ``truth``'s
+    queries: the cost a served query pays with the index's current parameters."""
+    times = []
+    for query in truth.queries[:n]:
+        start = time.perf_counter()
+        index.search(query.reshape(1, -1), truth.k + 1)
+        times.append(time.perf_counter() - start)
+    return 1000 * float(np.median(times)) if times else 0.0
+
+
 def _candidates(index: faiss.Index) -> list[dict[str, int]]:
     try:
         ivf = faiss.extract_index_ivf(index)
@@ -105,19 +121,31 @@ def _candidates(index: faiss.Index) -> list[dict[str, int]]:
 
 
 def tune(
-    index: faiss.Index, truth: ExactTopK, target: float = TARGET_RECALL
+    index: faiss.Index,
+    truth: ExactTopK,
+    target: float = TARGET_RECALL,
+    max_query_ms: float = MAX_QUERY_MS,
 ) -> tuple[dict[str, int], dict[str, float | int]]:
     """The cheapest search parameters reaching ``target`` recall@k on ``truth``'s queries
     (else those within 0.005 of the best recall seen), applied to ``index``.
 
+    The grid widens until the target is reached or a setting's median single-query latency
+    exceeds ``max_query_ms`` (that setting and wider ones are not kept; the narrowest one is
+    always tried), so a large index gets the best recall it can serve in time.
+
     Returns:
-        (search_params for the manifest, a tuning record: target, recall, queries, k).
+        (search_params for the manifest, a tuning record: target, recall, queries, k, and
+        ``latency_capped`` when the cap stopped the grid before the target).
     """
     params = faiss.ParameterSpace()
     seen: list[tuple[dict[str, int], float]] = []
+    capped = False
     for candidate in _candidates(index):
         for name, value in candidate.items():
             params.set_index_parameter(index, name, value)
+        if seen and query_ms(index, truth) > max_query_ms:
+            capped = True
+            break
         seen.append((candidate, recall(index, truth)))
         if seen[-1][1] >= target:
             break
@@ -138,4 +166,6 @@ def tune(
         "queries": len(truth.positions),
         "k": truth.k,
     }
+    if capped and got < target:
+        record["latency_capped"] = max_query_ms
     return chosen, record
