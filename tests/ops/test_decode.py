@@ -259,28 +259,28 @@ JPEGS = _jpeg_variants()
 
 @pytest.mark.parametrize("name", sorted(JPEGS) + [f"unusual/{n}" for n in sorted(UNUSUAL)])
 def test_decode_pixels_equals_decode_image(name: str) -> None:
-    """The fast decode (torchvision for plain JPEGs, PIL's buffer viewed otherwise) gives
+    """The fast decode (simplejpeg for plain JPEGs, PIL's buffer viewed otherwise) gives
     decode_image's pixels exactly, whatever path it takes."""
     from vlray.ops.decode import _jpeg_fast_path_ok, decode_pixels
 
     data = UNUSUAL[name.split("/", 1)[1]] if name.startswith("unusual/") else JPEGS[name]
-    assert _jpeg_fast_path_ok(), "torchvision's JPEG decode differs from PIL's here"
+    assert _jpeg_fast_path_ok(), "simplejpeg's JPEG decode differs from PIL's here"
     pixels = decode_pixels(data, max_pixels=MAX_PIXELS)
     expected = decode_image(data, max_pixels=MAX_PIXELS)
     assert pixels.dtype == np.uint8 and pixels.shape[2] in (3, 4)
     assert np.array_equal(pixels[..., :3], expected), name
 
 
-def test_decode_pixels_takes_the_torchvision_path_for_plain_jpegs(monkeypatch) -> None:
+def test_decode_pixels_takes_the_simplejpeg_path_for_plain_jpegs(monkeypatch) -> None:
     from vlray.ops import decode
 
     calls = []
-    real = decode._decode_jpeg_torchvision
+    real = decode._decode_jpeg_simple
     monkeypatch.setattr(
-        decode, "_decode_jpeg_torchvision", lambda data: calls.append(1) or real(data)
+        decode, "_decode_jpeg_simple", lambda data, strict: calls.append(1) or real(data, strict)
     )
     decode.decode_pixels(JPEGS[sorted(JPEGS)[0]], max_pixels=MAX_PIXELS)
-    assert calls, "a plain RGB JPEG should be decoded by torchvision"
+    assert calls, "a plain RGB JPEG should be decoded by simplejpeg"
     calls.clear()
     decode.decode_pixels(UNUSUAL["exif_rotated.jpg"], max_pixels=MAX_PIXELS)
     assert not calls, "EXIF-rotated JPEGs go through PIL"
@@ -370,3 +370,53 @@ def test_pixel_values_with_no_known_scale_are_refused(values, mode, message) -> 
     with pytest.raises(DecodeError, match="unsupported pixel values") as err:
         decode_image(data, max_pixels=MAX_PIXELS)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _scan_damaged(blob: bytes) -> dict[str, bytes]:
+    """A JPEG damaged inside its entropy-coded scan the ways disks and transfers do it."""
+    sos = blob.find(b"\xff\xda")
+    mid = sos + (len(blob) - sos) // 2
+    zeroed = bytearray(blob)
+    zeroed[mid : mid + 2000] = bytes(2000)
+    return {"zeroed": bytes(zeroed), "cut": blob[:mid] + blob[mid + 3000 :]}
+
+
+def _photo_jpeg(mode: str = "RGB", exif_orientation: int | None = None) -> bytes:
+    name, blob = sample_photos(1, seed=7)[0]
+    image = Image.open(io.BytesIO(blob)).convert("RGB").resize((640, 480)).convert(mode)
+    buffer = io.BytesIO()
+    exif = Image.Exif()
+    if exif_orientation:
+        exif[0x0112] = exif_orientation
+    image.save(buffer, "JPEG", quality=90, exif=exif.tobytes())
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "mode, orientation", [("RGB", None), ("RGB", 6), ("L", None), ("CMYK", None)]
+)
+@pytest.mark.parametrize("damage", ["zeroed", "cut"])
+def test_jpeg_with_damaged_scan_is_refused(mode, orientation, damage) -> None:
+    """PIL decodes these without a word, the missing part gray; every decode path refuses."""
+    from vlray.ops.decode import decode_draft, decode_pixels
+
+    data = _scan_damaged(_photo_jpeg(mode, orientation))[damage]
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()  # the premise: Pillow accepts it
+    for decode in (decode_image, decode_pixels):
+        with pytest.raises(DecodeError, match="corrupt JPEG: premature end of data segment"):
+            decode(data, max_pixels=MAX_PIXELS)
+    with pytest.raises(DecodeError, match="corrupt JPEG"):
+        decode_draft(data, max_pixels=MAX_PIXELS, needed=lambda h, w: (64, 64))
+
+
+def test_jpeg_with_extraneous_bytes_before_eoi_is_kept() -> None:
+    """Junk between a complete scan and the EOI marker (some cameras write it): libjpeg warns,
+    the image is whole, vlray decodes it as PIL does."""
+    from vlray.ops.decode import decode_pixels
+
+    blob = _photo_jpeg()
+    data = blob[:-2] + b"\x00\x11" * 20 + b"\xff\xd9"
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decode_pixels(data, max_pixels=MAX_PIXELS)[..., :3], expected)
+    assert np.array_equal(decode_image(data, max_pixels=MAX_PIXELS), expected)

@@ -66,7 +66,7 @@ def plan_resources(
     """Splits the cluster between decode and encode actors.
 
     CPU-only: each encoder reserves one CPU and runs torch with that many threads; decode actors
-    (single-threaded PIL + torchvision) share the rest with fractional reservations, leaving a
+    (single-threaded PIL + libjpeg-turbo) share the rest with fractional reservations, leaving a
     slice for the read and write tasks so they are never starved (Ray 2.60 hangs otherwise:
     FIELD-NOTES). With GPUs: one GPU and one CPU per encoder, every other CPU decodes. ``rows``
     (the rows to do, when known) caps the decode actors of small jobs (``ROWS_PER_ACTOR``) unless

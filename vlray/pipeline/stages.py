@@ -150,7 +150,7 @@ class DecodeStage:
                 return self._pass_encoded(data, size, row)
         try:
             # decode_pixels probes the header (pixel limit) before decoding, then decodes
-            # plain JPEGs with torchvision (same pixels as PIL, faster) and the rest with PIL
+            # plain JPEGs with simplejpeg (same pixels as PIL, faster) and the rest with PIL
             if self.draft:
                 pixels, (row[Col.HEIGHT], row[Col.WIDTH]) = decode_draft(
                     data, max_pixels=self.max_pixels, needed=self._needed
