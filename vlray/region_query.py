@@ -48,6 +48,22 @@ class RegionSearcher(Searcher):
     ) -> RegionSearcher:
         """Loads ``uri`` (the image index, as for :class:`Searcher`) and its regions/ index."""
         images = Searcher.open(uri, s3, model).index  # its own errors for the image index
+        return cls.beside(images, uri, s3, model, per_image)
+
+    @classmethod
+    def beside(
+        cls,
+        images: SearchIndex,
+        uri: str,
+        s3: S3Config | None = None,
+        model: str | None = None,
+        per_image: int = 0,
+    ) -> RegionSearcher:
+        """The region index of the image index ``images`` loaded from ``uri``.
+
+        Raises:
+            QueryError: ``uri`` has no region index, or it cannot be read.
+        """
         regions_uri = posixpath.join(uri.rstrip("/"), REGIONS_DIR)
         try:
             local = _local_index_dir(regions_uri, s3, files=(META_FILE,))
@@ -73,20 +89,28 @@ class RegionSearcher(Searcher):
         }
         return cls(regions, images, boxes, s3, model, per_image)
 
-    def _search(self, vector: np.ndarray, k: int, probability: Any = None) -> list[dict[str, Any]]:
-        wanted = k * OVERSAMPLE if self.per_image else k
+    def search_vector(
+        self, vector: np.ndarray, k: int, probability: Any = None, per_image: int | None = None
+    ) -> list[dict[str, Any]]:
+        """The ``k`` best regions of one unit vector (``per_image``: this query's cap, else the
+        searcher's), each ``{"id", "mask_id", "bbox", "score"[, "probability"]}``."""
+        cap = self.per_image if per_image is None else per_image
+        wanted = k * OVERSAMPLE if cap else k
         hits = super()._search(vector, wanted, probability)
         out: list[dict[str, Any]] = []
         seen: dict[str, int] = {}
         for hit in hits:
             item_id, mask_id = json.loads(hit["id"])
-            if self.per_image and seen.get(item_id, 0) >= self.per_image:
+            if cap and seen.get(item_id, 0) >= cap:
                 continue
             seen[item_id] = seen.get(item_id, 0) + 1
             out.append({**hit, "id": item_id, "mask_id": mask_id, "bbox": self.boxes[hit["id"]]})
             if len(out) == k:
                 break
         return out
+
+    def _search(self, vector: np.ndarray, k: int, probability: Any = None) -> list[dict[str, Any]]:
+        return self.search_vector(vector, k, probability)
 
     def by_id(self, item_id: str, k: int) -> list[dict[str, Any]]:
         """Regions nearest to an indexed image's whole-image vector."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import shutil
 import socket
 import threading
 import time
@@ -141,3 +142,17 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+# the system Chromium the page tests drive (skipped where there is none)
+CHROMIUM = shutil.which("chromium") or (
+    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]

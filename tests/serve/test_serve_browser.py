@@ -9,21 +9,10 @@ from urllib.parse import quote_plus
 
 import numpy as np
 import pytest
-from serve_helpers import fake_masks
+from serve_helpers import CHROMIUM, FLAGS, fake_masks
 
 from vlray.ops.rle import _unpack_counts, rle_to_mask
 
-CHROMIUM = shutil.which("chromium") or (
-    "/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None
-)
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "serve-screenshot.png"
 
 

@@ -15,7 +15,16 @@ class Hit(BaseModel):
     id: str
     score: float = Field(description="cosine similarity (inner product of unit vectors)")
     probability: float | None = Field(
-        None, description="SigLIP's match probability (text queries only)"
+        None,
+        description="the model's match probability, for text queries on models that define "
+        "one (SigLIP's sigmoid of the scaled score)",
+    )
+    mask_id: int | None = Field(
+        None, description="region searches: the region's SAM mask (joins /api/masks' mask_id)"
+    )
+    bbox: list[float] | None = Field(
+        None,
+        description="region searches: [x, y, w, h] in source pixels, the crop that was embedded",
     )
     width: int | None = Field(None, description="source image width (from embeddings/*.parquet)")
     height: int | None = Field(None, description="source image height")
@@ -39,7 +48,8 @@ class SearchResponse(BaseModel):
     next_offset: int | None = Field(
         None, description="offset of the next page; absent on the last page"
     )
-    total_vectors: int
+    total_vectors: int = Field(description="vectors ranked: images, or regions with regions=true")
+    regions: bool | None = Field(None, description="true when the hits are regions")
     index_created_at: str | None = None
     took_ms: float
 
@@ -101,6 +111,7 @@ class IndexInfo(BaseModel):
     text_search: bool
     thumbnails: bool
     masks: int = Field(description="images with SAM masks in OUT/masks")
+    regions: int = Field(0, description="region vectors searchable with regions=true (0: none)")
     max_k: int
     max_offset: int
     max_upload_bytes: int
@@ -127,4 +138,6 @@ def vector_query_model(max_k: int, max_offset: int) -> Any:
         k=(int, Field(10, ge=1, le=max_k)),
         offset=(int, Field(0, ge=0, le=max_offset)),
         min_score=(float | None, Field(None, ge=-1.0, le=1.0)),
+        regions=(bool, Field(False, description="search the SAM regions instead of the images")),
+        per_image=(int, Field(0, ge=0, le=max_k, description="with regions: cap per image")),
     )

@@ -25,6 +25,8 @@ from vlray.encoders import Encoders
 from vlray.index.build import MANIFEST_FILE
 from vlray.index.search import IdLookup
 from vlray.query import QueryError, Searcher
+from vlray.region_index import REGIONS_DIR
+from vlray.region_query import RegionSearcher
 from vlray.schema import thumbnail_name
 from vlray.serve.masks import MaskLookup
 from vlray.storage import Location, list_files, locate, read_bytes
@@ -105,6 +107,8 @@ class Snapshot:
     thumbnails: Location | None
     manifest_bytes: bytes
     masks: MaskLookup = field(default_factory=lambda: MaskLookup(None))
+    regions: RegionSearcher | None = None
+    """The region index beside the image index (``index/regions/``), when the job made one."""
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -133,6 +137,9 @@ class Snapshot:
         except OSError:
             return None
         return location if info.type == pafs.FileType.File else None
+
+
+_REGIONS_SEPARATOR = b"\n\x00regions\x00\n"  # never inside a JSON document
 
 
 def _parent_uri(uri: str) -> str:
@@ -200,10 +207,28 @@ class IndexHolder:
         return self._snapshot
 
     def _read_manifest(self) -> bytes | None:
+        """The image index's manifest bytes, then the region index's (when there is one): a
+        change of either is a new index to load."""
         try:
-            return read_bytes(self._root.join(MANIFEST_FILE))
+            manifest = read_bytes(self._root.join(MANIFEST_FILE))
         except (OSError, FileNotFoundError):
             return None
+        try:
+            regions = read_bytes(self._root.join(REGIONS_DIR).join(MANIFEST_FILE))
+        except (OSError, FileNotFoundError):
+            return manifest
+        return manifest + _REGIONS_SEPARATOR + regions
+
+    def _regions(self, searcher: Searcher, manifest_bytes: bytes) -> RegionSearcher | None:
+        if _REGIONS_SEPARATOR not in manifest_bytes:
+            return None
+        try:
+            regions = RegionSearcher.beside(searcher.index, self.uri, model=self.model)
+        except QueryError as exc:  # the images stay searchable
+            logger.warning("serving without regions: %s", exc)
+            return None
+        regions.encoders = searcher.encoders  # text and image queries encode once for both
+        return regions
 
     def _load(self, manifest_bytes: bytes) -> Snapshot:
         searcher = Searcher.open(self.uri, model=self.model)
@@ -224,6 +249,7 @@ class IndexHolder:
             thumbnails=thumbs if info.type == pafs.FileType.Directory else None,
             manifest_bytes=manifest_bytes,
             masks=MaskLookup(self._out.join("masks")),
+            regions=self._regions(searcher, manifest_bytes),
         )
 
     def check(self) -> bool:
@@ -246,7 +272,8 @@ class IndexHolder:
                 return False
             # A build that overlapped the load deletes manifest.json first and writes it last:
             # an unchanged manifest proves the files we read belong together.
-            if self._read_manifest() != before or snapshot.searcher.manifest != json.loads(before):
+            image_manifest = json.loads(before.split(_REGIONS_SEPARATOR)[0])
+            if self._read_manifest() != before or snapshot.searcher.manifest != image_manifest:
                 logger.info("index changed while loading; retrying at the next check")
                 self._last_check = 0.0
                 self._on_result("retry")

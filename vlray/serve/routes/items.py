@@ -47,6 +47,7 @@ def info(snap: SnapshotDep, services: ServicesDep) -> dict[str, Any]:
         "text_search": _has_text_tower(snap),
         "thumbnails": snap.thumbnails is not None,
         "masks": len(snap.masks),
+        "regions": snap.regions.index.count if snap.regions is not None else 0,
         "max_k": config.max_k,
         "max_offset": config.max_offset,
         "max_upload_bytes": config.max_upload_bytes,

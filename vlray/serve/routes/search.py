@@ -28,6 +28,13 @@ from vlray.serve.state import Snapshot
 MinScore = Annotated[
     float | None, Query(ge=-1.0, le=1.0, description="drop hits scoring below this")
 ]
+Regions = Annotated[
+    bool,
+    Query(description="search the SAM regions inside the images (index/regions/) instead"),
+]
+NO_REGIONS = (
+    "this index has no region index (run the job with --set regions.enabled=true and sam.name)"
+)
 _COMMON: dict[str, Any] = {"response_model": SearchResponse, "response_model_exclude_none": True}
 
 
@@ -38,6 +45,9 @@ class Page:
     k: int
     offset: int
     min_score: float | None
+    regions: bool = False
+    per_image: int = 0
+    """With ``regions``: at most this many regions of one image (0: no limit)."""
 
 
 def _decode_status(exc: DecodeError) -> int:
@@ -76,6 +86,21 @@ def _hit(
     return hit
 
 
+def _ranked(
+    snap: Snapshot, vector: np.ndarray, page: Page
+) -> tuple[list[tuple[str, float, dict[str, Any]]], int]:
+    """The first ``offset + k`` (id, score, region fields) of the ranking, and the number of
+    vectors ranked (images, or regions with ``page.regions``)."""
+    n = page.offset + page.k
+    if not page.regions:
+        return [(i, score, {}) for i, score in snap.search(vector, n)], snap.count
+    if snap.regions is None:
+        raise HTTPException(400, NO_REGIONS)
+    found = snap.regions.search_vector(np.asarray(vector, np.float32), n, per_image=page.per_image)
+    ranked = [(h["id"], h["score"], {"mask_id": h["mask_id"], "bbox": h["bbox"]}) for h in found]
+    return ranked, snap.regions.index.count
+
+
 def respond(
     request: Request,
     snap: Snapshot,
@@ -88,15 +113,15 @@ def respond(
 ) -> dict[str, Any]:
     """The SearchResponse of one query vector."""
     k, offset, min_score = page.k, page.offset, page.min_score
-    pairs = snap.search(vector, offset + k)
+    pairs, total = _ranked(snap, vector, page)
     hits = []
-    for rank, (item_id, score) in enumerate(pairs[offset:], start=offset + 1):
+    for rank, (item_id, score, region) in enumerate(pairs[offset:], start=offset + 1):
         if min_score is not None and score < min_score:
             break
-        hits.append(_hit(request, snap, rank, item_id, score, probability))
+        hits.append({**_hit(request, snap, rank, item_id, score, probability), **region})
     more = (
         len(hits) == k
-        and offset + k < snap.count
+        and offset + k < total
         and (min_score is None or not pairs or pairs[-1][1] >= min_score)
     )
     took = time.perf_counter() - start
@@ -108,7 +133,8 @@ def respond(
         "min_score": min_score,
         "hits": hits,
         "next_offset": offset + k if more else None,
-        "total_vectors": snap.count,
+        "total_vectors": total,
+        "regions": page.regions or None,
         "index_created_at": snap.manifest.get("created_at"),
         "took_ms": round(took * 1000, 3),
     }
@@ -148,8 +174,12 @@ def search_router(config: ServeConfig) -> APIRouter:
     K = Annotated[int, Query(ge=1, le=config.max_k, description="results per page")]
     Offset = Annotated[int, Query(ge=0, le=config.max_offset, description="hits to skip")]
     VectorQuery = vector_query_model(config.max_k, config.max_offset)
+    PerImage = Annotated[
+        int,
+        Query(ge=0, le=config.max_k, description="with regions: at most this many per image"),
+    ]
 
-    @router.get("/search/text", summary="Search by text (SigLIP)", **_COMMON)
+    @router.get("/search/text", summary="Search by text (models with a text tower)", **_COMMON)
     def search_text(
         request: Request,
         snap: SnapshotDep,
@@ -158,6 +188,8 @@ def search_router(config: ServeConfig) -> APIRouter:
         k: K = 10,
         offset: Offset = 0,
         min_score: MinScore = None,
+        regions: Regions = False,
+        per_image: PerImage = 0,
     ) -> dict[str, Any]:
         if not q.strip():
             raise HTTPException(422, "empty text query")
@@ -168,7 +200,7 @@ def search_router(config: ServeConfig) -> APIRouter:
             raise HTTPException(400, redact(str(exc))) from None
         except QueryError as exc:
             raise HTTPException(503, f"model not available: {redact(str(exc))}") from None
-        page = Page(k, offset, min_score)
+        page = Page(k, offset, min_score, regions, per_image)
         return respond(request, snap, services.metrics, "text", vector, page, start, probability)
 
     @router.get("/search/id", summary="Neighbours of an indexed id", **_COMMON)
@@ -180,6 +212,8 @@ def search_router(config: ServeConfig) -> APIRouter:
         k: K = 10,
         offset: Offset = 0,
         min_score: MinScore = None,
+        regions: Regions = False,
+        per_image: PerImage = 0,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         try:
@@ -188,7 +222,7 @@ def search_router(config: ServeConfig) -> APIRouter:
             raise HTTPException(400, str(exc)) from None
         if vector is None:
             raise HTTPException(404, f"id {id!r} is not in the index")
-        page = Page(k, offset, min_score)
+        page = Page(k, offset, min_score, regions, per_image)
         return respond(request, snap, services.metrics, "id", np.asarray(vector), page, start)
 
     @router.post("/search/vector", summary="Search by a raw vector", **_COMMON)
@@ -200,7 +234,7 @@ def search_router(config: ServeConfig) -> APIRouter:
     ) -> dict[str, Any]:
         start = time.perf_counter()
         unit = _vector(query, snap.dim)
-        page = Page(query.k, query.offset, query.min_score)
+        page = Page(query.k, query.offset, query.min_score, query.regions, query.per_image)
         return respond(request, snap, services.metrics, "vector", unit, page, start)
 
     @router.post(
@@ -214,6 +248,8 @@ def search_router(config: ServeConfig) -> APIRouter:
         k: K = 10,
         offset: Offset = 0,
         min_score: MinScore = None,
+        regions: Regions = False,
+        per_image: PerImage = 0,
     ) -> dict[str, Any]:
         start = time.perf_counter()
         try:
@@ -224,7 +260,7 @@ def search_router(config: ServeConfig) -> APIRouter:
             raise HTTPException(503, f"{exc}; retry shortly", headers=exc.headers) from None
         finally:
             await file.close()
-        page = Page(k, offset, min_score)
+        page = Page(k, offset, min_score, regions, per_image)
         return await run_in_threadpool(
             respond, request, snap, services.metrics, "image", vector, page, start
         )

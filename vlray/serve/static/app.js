@@ -99,14 +99,29 @@ function maskCanvas(masks, side) {
   return canvas;
 }
 
-async function loadMasks(link, holder) {
+// A region hit's box (source pixels) outlined on its mask canvas, at the canvas's scale.
+function drawBox(canvas, bbox, width) {
+  const s = canvas.width / width;
+  const ctx = canvas.getContext("2d");
+  ctx.strokeStyle = "rgb(255, 255, 255)";
+  ctx.lineWidth = 2;
+  ctx.strokeRect(bbox[0] * s + 1, bbox[1] * s + 1, Math.max(1, bbox[2] * s - 2), Math.max(1, bbox[3] * s - 2));
+  ctx.strokeStyle = "rgb(230, 25, 75)";
+  ctx.lineWidth = 1;
+  ctx.strokeRect(bbox[0] * s + 0.5, bbox[1] * s + 0.5, bbox[2] * s, bbox[3] * s);
+}
+
+// Region hits: only the hit's mask, and its box; image hits: every mask of the image.
+async function loadMasks(hit, holder) {
   try {
-    const body = await (await api(link)).json();
-    const canvas = maskCanvas(body.masks, 256);
-    if (canvas) {
-      canvas.title = body.masks.length + " masks";
-      holder.appendChild(canvas);
-    }
+    const body = await (await api(hit.masks)).json();
+    const region = hit.mask_id !== undefined;
+    const masks = region ? body.masks.filter((m) => m.mask_id === hit.mask_id) : body.masks;
+    const canvas = maskCanvas(masks, 256);
+    if (!canvas) return;
+    canvas.title = region ? "region " + hit.mask_id : body.masks.length + " masks";
+    if (region && hit.bbox) drawBox(canvas, hit.bbox, masks[0].segmentation.size[1]);
+    holder.appendChild(canvas);
   } catch (e) { /* no overlay */ }
 }
 
@@ -116,6 +131,10 @@ function params() {
   p.set("offset", String(state.offset));
   const min = $("min-score").value;
   if (min !== "") p.set("min_score", min);
+  if ($("regions").checked) {
+    p.set("regions", "true");
+    if ($("per-image").checked) p.set("per_image", "1");
+  }
   return p;
 }
 
@@ -158,12 +177,13 @@ function render(body) {
     thumb.className = "thumb";
     thumb.textContent = hit.width && hit.height ? hit.width + "\u00d7" + hit.height : "no thumbnail";
     if (hit.thumbnail) {
-      loadThumb(hit.thumbnail, thumb).then(() => { if (hit.masks) loadMasks(hit.masks, thumb); });
+      loadThumb(hit.thumbnail, thumb).then(() => { if (hit.masks) loadMasks(hit, thumb); });
     }
     const score = document.createElement("div");
     score.className = "score";
     score.textContent = "#" + hit.rank + "  " + hit.score.toFixed(4) +
-      (hit.probability !== undefined ? "  p=" + hit.probability.toFixed(3) : "");
+      (hit.probability !== undefined ? "  p=" + hit.probability.toFixed(3) : "") +
+      (hit.mask_id !== undefined ? "  region " + hit.mask_id : "");
     const id = document.createElement("div");
     id.className = "id";
     id.textContent = hit.id;
@@ -226,6 +246,7 @@ function queryToUrl(q) {
   if (state.offset) p.set("offset", String(state.offset));
   const min = $("min-score").value;
   if (min !== "") p.set("min_score", min);
+  if ($("regions").checked) p.set("regions", $("per-image").checked ? "1" : "all");
   return "?" + p.toString();
 }
 
@@ -239,6 +260,8 @@ function queryFromUrl() {
   const p = new URLSearchParams(location.search);
   if (p.get("k")) $("k").value = p.get("k");
   if (p.get("min_score") !== null) $("min-score").value = p.get("min_score");
+  $("regions").checked = p.get("regions") !== null;
+  $("per-image").checked = p.get("regions") === "1";
   const offset = Math.max(0, parseInt(p.get("offset"), 10) || 0);
   if (p.get("q")) {
     $("q").value = p.get("q");
@@ -295,6 +318,8 @@ async function loadInfo() {
       " (" + (info.weights || "?") + " weights) \u00b7 " + (info.created_at || "");
     $("k").max = String(info.max_k);
     if (!info.text_search) $("q").placeholder = "This model has no text tower: upload an image";
+    $("region-box").hidden = !info.regions;
+    if (info.regions) $("info").textContent += " \u00b7 " + info.regions + " regions";
   } catch (e) {
     $("info").textContent = e.message;
   }
@@ -324,6 +349,11 @@ $("prev").addEventListener("click", () => {
   run();
 });
 window.addEventListener("popstate", runFromUrl);
+for (const box of ["regions", "per-image"]) {
+  $(box).addEventListener("change", () => {
+    if (state.query) { state.offset = 0; remember(state.query); run(); }
+  });
+}
 $("key-save").addEventListener("click", () => {
   state.apiKey = $("api-key").value;
   sessionStorage.setItem("vlrayApiKey", state.apiKey);
