@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 from PIL import Image, ImageOps
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, Qwen2VLForConditionalGeneration
 
 from vlray.families import family_for, resolve_checkpoint
 from vlray.families.batch import preprocess_images
@@ -26,7 +26,7 @@ from vlray.regions import (
     regions_table,
     select_masks,
 )
-from vlray.testing.checkpoints import save_hub_clip, save_hub_dinov2
+from vlray.testing.checkpoints import save_hub_clip, save_hub_dinov2, save_tiny_qwen2_vl
 from vlray.testing.images import sample_photos, unusual_images
 
 CPU = torch.device("cpu")
@@ -151,11 +151,25 @@ def folders(siglip2_checkpoint, siglip_checkpoint, tmp_path_factory) -> dict[str
         "siglip": siglip_checkpoint,
         "clip": save_hub_clip(tmp / "clip"),
         "dinov2": save_hub_dinov2(tmp / "dinov2"),
+        "qwen2_vl": save_tiny_qwen2_vl(tmp / "qwen2_vl"),
     }
 
 
 def _reference(kind: str, folder: Path, crops: list[Image.Image]) -> torch.Tensor:
     processor = AutoImageProcessor.from_pretrained(folder)
+    if kind == "qwen2_vl":  # mean-pooled merged vision tokens, as tests/families/test_qwen2_vl.py
+        model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            pooled = []
+            for crop in crops:
+                ref = processor(images=[crop], return_tensors="pt")
+                tokens = (
+                    model.eval()
+                    .get_image_features(ref["pixel_values"], ref["image_grid_thw"])
+                    .pooler_output
+                )
+                pooled.append(torch.cat(list(tokens)).mean(0, keepdim=True))
+        return torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
     model = AutoModel.from_pretrained(folder).eval()
     out = []
     with torch.no_grad():
@@ -169,7 +183,7 @@ def _reference(kind: str, folder: Path, crops: list[Image.Image]) -> torch.Tenso
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("kind", ["siglip2", "siglip", "clip", "dinov2"])
+@pytest.mark.parametrize("kind", ["siglip2", "siglip", "clip", "dinov2", "qwen2_vl"])
 @pytest.mark.parametrize("background", ["keep", "gray"])
 def test_region_embeddings_match_the_reference_on_the_same_crop(kind, background, folders):
     folder = folders[kind]
