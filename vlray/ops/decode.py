@@ -388,7 +388,8 @@ def decode_pixels(data: bytes, *, max_pixels: int) -> np.ndarray:
 
     * plain RGB JPEGs (no EXIF rotation, ending in an EOI marker) go through
       ``simplejpeg.decode_jpeg``, the same libjpeg-turbo decode as PIL's without PIL's
-      per-row copies (2-2.8x faster than PIL's decode alone, measured on a 1600x1200 photo),
+      per-row copies (1.7-2.8x faster than PIL's decode alone on a 1600x1200 photo, by
+      chroma subsampling and progressive; see docs/BENCHMARKS.md),
       once a self-check at first use has found its output identical to PIL's on this machine;
       libjpeg's warnings are errors there, so a scan cut short is refused, not gray-filled;
     * everything else, and any JPEG simplejpeg cannot take, goes through :func:`decode_rgb` and
