@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from fastapi import APIRouter, File, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from vlray.families.base import UnsupportedImage
@@ -168,62 +168,81 @@ def _vector(query: Any, dim: int) -> np.ndarray:
     return (vector / norm).astype(np.float32)
 
 
-def search_router(config: ServeConfig) -> APIRouter:
-    """The four search endpoints, their page limits from ``config``."""
-    router = APIRouter(prefix="/api")
+def _page_dependency(config: ServeConfig) -> Any:
+    """The page query parameters every GET/upload search takes, as one dependency."""
     K = Annotated[int, Query(ge=1, le=config.max_k, description="results per page")]
     Offset = Annotated[int, Query(ge=0, le=config.max_offset, description="hits to skip")]
-    VectorQuery = vector_query_model(config.max_k, config.max_offset)
     PerImage = Annotated[
         int,
         Query(ge=0, le=config.max_k, description="with regions: at most this many per image"),
     ]
 
-    @router.get("/search/text", summary="Search by text (models with a text tower)", **_COMMON)
-    def search_text(
-        request: Request,
-        snap: SnapshotDep,
-        services: ServicesDep,
-        q: Annotated[str, Query(min_length=1, max_length=config.max_text_chars)],
+    def page(
         k: K = 10,
         offset: Offset = 0,
         min_score: MinScore = None,
         regions: Regions = False,
         per_image: PerImage = 0,
+    ) -> Page:
+        return Page(k, offset, min_score, regions, per_image)
+
+    return Annotated[Page, Depends(page)]
+
+
+def _text_vector(snap: Snapshot, q: str) -> tuple[np.ndarray, Any]:
+    if not q.strip():
+        raise HTTPException(422, "empty text query")
+    try:
+        return snap.models.encode_text(q)
+    except NotImplementedError as exc:
+        raise HTTPException(400, redact(str(exc))) from None
+    except QueryError as exc:
+        raise HTTPException(503, f"model not available: {redact(str(exc))}") from None
+
+
+def _id_vector(snap: Snapshot, item_id: str) -> np.ndarray:
+    try:
+        vector = snap.searcher.index.vector(item_id)
+    except NotImplementedError as exc:
+        raise HTTPException(400, str(exc)) from None
+    if vector is None:
+        raise HTTPException(404, f"id {item_id!r} is not in the index")
+    return np.asarray(vector)
+
+
+async def _upload_vector(snap: Snapshot, services: Any, file: UploadFile) -> np.ndarray:
+    try:
+        async with services.slots.slot():  # the bytes in memory and the decode: bounded
+            return await encode_upload(snap, file, services.config)
+    except SlotsBusy as exc:
+        services.metrics.image_busy.inc()
+        raise HTTPException(503, f"{exc}; retry shortly", headers=exc.headers) from None
+    finally:
+        await file.close()
+
+
+def search_router(config: ServeConfig) -> APIRouter:
+    """The four search endpoints, their page limits from ``config``."""
+    router = APIRouter(prefix="/api")
+    PageDep = _page_dependency(config)
+    VectorQuery = vector_query_model(config.max_k, config.max_offset)
+    Text = Annotated[str, Query(min_length=1, max_length=config.max_text_chars)]
+
+    @router.get("/search/text", summary="Search by text (models with a text tower)", **_COMMON)
+    def search_text(
+        request: Request, snap: SnapshotDep, services: ServicesDep, q: Text, page: PageDep
     ) -> dict[str, Any]:
-        if not q.strip():
-            raise HTTPException(422, "empty text query")
         start = time.perf_counter()
-        try:
-            vector, probability = snap.models.encode_text(q)
-        except NotImplementedError as exc:
-            raise HTTPException(400, redact(str(exc))) from None
-        except QueryError as exc:
-            raise HTTPException(503, f"model not available: {redact(str(exc))}") from None
-        page = Page(k, offset, min_score, regions, per_image)
+        vector, probability = _text_vector(snap, q)
         return respond(request, snap, services.metrics, "text", vector, page, start, probability)
 
     @router.get("/search/id", summary="Neighbours of an indexed id", **_COMMON)
     def search_id(
-        request: Request,
-        snap: SnapshotDep,
-        services: ServicesDep,
-        id: ItemId,
-        k: K = 10,
-        offset: Offset = 0,
-        min_score: MinScore = None,
-        regions: Regions = False,
-        per_image: PerImage = 0,
+        request: Request, snap: SnapshotDep, services: ServicesDep, id: ItemId, page: PageDep
     ) -> dict[str, Any]:
         start = time.perf_counter()
-        try:
-            vector = snap.searcher.index.vector(id)
-        except NotImplementedError as exc:
-            raise HTTPException(400, str(exc)) from None
-        if vector is None:
-            raise HTTPException(404, f"id {id!r} is not in the index")
-        page = Page(k, offset, min_score, regions, per_image)
-        return respond(request, snap, services.metrics, "id", np.asarray(vector), page, start)
+        vector = _id_vector(snap, id)
+        return respond(request, snap, services.metrics, "id", vector, page, start)
 
     @router.post("/search/vector", summary="Search by a raw vector", **_COMMON)
     def search_vector(
@@ -245,22 +264,10 @@ def search_router(config: ServeConfig) -> APIRouter:
         snap: SnapshotDep,
         services: ServicesDep,
         file: Annotated[UploadFile, File(description="JPEG, PNG, WebP, BMP, GIF or TIFF")],
-        k: K = 10,
-        offset: Offset = 0,
-        min_score: MinScore = None,
-        regions: Regions = False,
-        per_image: PerImage = 0,
+        page: PageDep,
     ) -> dict[str, Any]:
         start = time.perf_counter()
-        try:
-            async with services.slots.slot():  # the bytes in memory and the decode: bounded
-                vector = await encode_upload(snap, file, services.config)
-        except SlotsBusy as exc:
-            services.metrics.image_busy.inc()
-            raise HTTPException(503, f"{exc}; retry shortly", headers=exc.headers) from None
-        finally:
-            await file.close()
-        page = Page(k, offset, min_score, regions, per_image)
+        vector = await _upload_vector(snap, services, file)
         return await run_in_threadpool(
             respond, request, snap, services.metrics, "image", vector, page, start
         )
