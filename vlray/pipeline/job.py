@@ -508,15 +508,9 @@ def run_job(
             raise RunStopped(stop.signum, 0) from None
 
 
-def _run_job(
-    config: JobConfig, stops: StopSignals, progress: Progress | None, quiet: bool
-) -> dict[str, Any]:
-    import ray
-
-    from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
-
-    started = time.time()
-    _check_storage(config)
+def _resolve_models(config: JobConfig) -> tuple[Checkpoint | None, Checkpoint | None, Any]:
+    """(embedding checkpoint or None, SAM checkpoint or None, the main model's family), with
+    the settings that need a kind of model checked before anything runs."""
     checkpoint: Checkpoint | None = resolve_model(config)
     family = family_for(checkpoint)
     sam_checkpoint = None
@@ -532,6 +526,100 @@ def _run_job(
         raise CheckpointError(f"model.store_tokens: {family.name} models have no token matrix")
     if config.regions.enabled and (checkpoint is None or sam_checkpoint is None):
         raise CheckpointError("regions.enabled: needs an embedding model and sam.name (SAM)")
+    return checkpoint, sam_checkpoint, family
+
+
+def _plan_stages(
+    config: JobConfig, plan: Any, checkpoint: Checkpoint | None, sam: Checkpoint | None
+) -> StagePlan:
+    """The Ray resources of each stage on this cluster (``input.decode: gpu`` checked here)."""
+    import ray
+
+    models = (checkpoint is not None) + (sam is not None)
+    models += bool(config.regions.enabled and checkpoint and sam)
+    stages = plan_resources(
+        config.compute,
+        ray.cluster_resources(),
+        models,
+        checkpoint.vision_bytes() if checkpoint else 0,
+        fusable=checkpoint is not None and sam is None,
+        rows=plan.rows,
+    )
+    if config.input.decode == "gpu" and (stages.device != "cuda" or sam):
+        why = (
+            "not with SAM masks"
+            if sam
+            else "this Ray cluster has no GPU for the encoder (compute.num_gpus)"
+        )
+        raise ConfigError(
+            [
+                "input.decode: gpu decodes JPEGs on the embedding model's GPU: "
+                f"{why}; use input.decode exact or draft"
+            ]
+        )
+    return stages
+
+
+def _execute(
+    config: JobConfig,
+    plan: Any,
+    models: tuple[Checkpoint | None, Checkpoint | None, int],
+    run: tuple[Location, RunLock, Any, StopSignals],
+    progress: Progress | None,
+    quiet: bool,
+) -> tuple[dict[str, float], list[str], str, StagePlan | None]:
+    """Runs the Ray pipeline over the plan: (writer totals, committed files, failure, stages)."""
+    import ray
+
+    checkpoint, sam_checkpoint, dim = models
+    output, lock, stopping, stops = run
+    if not plan.tasks:
+        return {}, [], "", None
+    stopping.ray_started = not ray.is_initialized()  # set first: a stop may cut ray.init
+    ensure_ray(config, quiet)
+    stops.install()  # again: ray.init sets its own SIGTERM handler
+    stages = _plan_stages(config, plan, checkpoint, sam_checkpoint)
+    ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
+    ds.context.enable_progress_bars = not quiet
+    if progress is not None:
+        progress.begin(plan.rows)
+    try:
+        totals, new_files, failure = drive(ds, config.output, lock, progress)
+    finally:
+        if progress is not None:
+            progress.end()
+    return totals, new_files, failure, stages
+
+
+def _accounting_failure(
+    plan: Any, totals: dict[str, float], committed: tuple[int, int], done_rows: int
+) -> tuple[str, bool]:
+    """(why the run failed or "", whether the index may still be updated) from the writers'
+    totals and the committed files' row counts."""
+    errors, undone = int(totals.get("errors", 0)), int(totals.get("undone", 0))
+    if committed != (done_rows, errors):
+        return (
+            f"accounting mismatch: the writers reported {done_rows} done + {errors} errors, "
+            f"the committed files hold {committed[0]} + {committed[1]}"
+        ), False
+    if undone:  # rows left undone still leave a useful index of the rest
+        return (
+            f"{undone} rows left undone by transient failures (network or service errors "
+            "that outlasted the retries); the next run retries them"
+        ), True
+    if plan.rows != done_rows + errors:
+        return f"accounting mismatch: {plan.rows} rows in, {done_rows + errors} out", True
+    return "", True
+
+
+def _run_job(
+    config: JobConfig, stops: StopSignals, progress: Progress | None, quiet: bool
+) -> dict[str, Any]:
+    from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
+
+    started = time.time()
+    _check_storage(config)
+    checkpoint, sam_checkpoint, family = _resolve_models(config)
     dim = family.embedding_dim if checkpoint else 0
     done_folder = "embeddings" if checkpoint else "segmented"
     output = locate(config.output.uri, config.s3)
@@ -551,46 +639,14 @@ def _run_job(
             plan.skipped,
             len(plan.tasks),
         )
-        totals: dict[str, float] = {}
-        new_files: list[str] = []
-        failure = ""
-        stages = None
-        if plan.tasks:
-            stopping.ray_started = not ray.is_initialized()  # set first: a stop may cut ray.init
-            ensure_ray(config, quiet)
-            stops.install()  # again: ray.init sets its own SIGTERM handler
-            models = (checkpoint is not None) + (sam_checkpoint is not None)
-            models += bool(config.regions.enabled and checkpoint and sam_checkpoint)
-            model_bytes = checkpoint.vision_bytes() if checkpoint else 0
-            stages = plan_resources(
-                config.compute,
-                ray.cluster_resources(),
-                models,
-                model_bytes,
-                fusable=checkpoint is not None and sam_checkpoint is None,
-                rows=plan.rows,
-            )
-            if config.input.decode == "gpu" and (stages.device != "cuda" or sam_checkpoint):
-                raise ConfigError(
-                    [
-                        "input.decode: gpu decodes JPEGs on the embedding model's GPU: "
-                        + (
-                            "not with SAM masks"
-                            if sam_checkpoint
-                            else "this Ray cluster has no GPU for the encoder (compute.num_gpus)"
-                        )
-                        + "; use input.decode exact or draft"
-                    ]
-                )
-            ds = build_dataset(config, plan, checkpoint, output, stages, dim, sam_checkpoint)
-            ds.context.enable_progress_bars = not quiet
-            if progress is not None:
-                progress.begin(plan.rows)
-            try:
-                totals, new_files, failure = drive(ds, config.output, lock, progress)
-            finally:
-                if progress is not None:
-                    progress.end()
+        totals, new_files, failure, stages = _execute(
+            config,
+            plan,
+            (checkpoint, sam_checkpoint, dim),
+            (output, lock, stopping, stops),
+            progress,
+            quiet,
+        )
         job_seconds = time.time() - started
         with hold_stops():  # rewrites several errors/ files: not cut halfway
             retried = (
@@ -598,76 +654,97 @@ def _run_job(
                 if config.retry_errors
                 else 0
             )
-        embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
-        segmented = int(totals.get("segmented", 0))
-        undone = int(totals.get("undone", 0))
-        done_rows = embedded if checkpoint else segmented
-        committed = committed_rows(output, done_folder, new_files)
-        committed_errors = committed_rows(output, "errors", new_files)
-        if not failure and (committed, committed_errors) != (done_rows, errors):
-            failure = (
-                f"accounting mismatch: the writers reported {done_rows} done + {errors} errors, "
-                f"the committed files hold {committed} + {committed_errors}"
-            )
-        index_ok = not failure  # rows left undone still leave a useful index of the rest
-        if not failure and undone:
-            failure = (
-                f"{undone} rows left undone by transient failures (network or service errors "
-                "that outlasted the retries); the next run retries them"
-            )
-        if not failure and plan.rows != done_rows + errors:
-            failure = f"accounting mismatch: {plan.rows} rows in, {done_rows + errors} out"
+        embedded = int(totals.get("embedded", 0))
+        done_rows = embedded if checkpoint else int(totals.get("segmented", 0))
+        committed = (
+            committed_rows(output, done_folder, new_files),
+            committed_rows(output, "errors", new_files),
+        )
+        found, index_ok = _accounting_failure(plan, totals, committed, done_rows)
+        index_ok = index_ok and not failure  # a failed pipeline run leaves the index alone
+        failure = failure or found
         index_manifest = region_manifest = None
         if config.index.enabled and checkpoint is not None and index_ok:
             index_manifest, region_manifest = _build_indexes(
                 config, checkpoint, family.name, output, dim, embedded, new_files
             )
-        wall = time.time() - started
-        summary = {
-            "rows_in": plan.rows,
-            "embedded": embedded,
-            "segmented": segmented,
-            "masks": int(totals.get("masks", 0)),
-            "regions": int(totals.get("regions", 0)),
-            "regions_skipped": int(totals.get("regions_skipped", 0)),
-            "thumbnails": int(totals.get("thumbnails", 0)),
-            "errors": errors,
-            "skipped_done": plan.skipped,
-            "skipped": plan.skipped_files,
-            "input_errors": plan.unreadable,
-            "errors_retried_and_removed": retried,
-            "errors_by_stage": {
-                stage: int(totals[f"errors_{stage}"])
-                for stage in STAGES
-                if totals.get(f"errors_{stage}")
-            },
-            "undone": undone,
-            "failed": failure or None,
-            "accounted": plan.rows == done_rows + errors + undone
-            and (committed, committed_errors) == (done_rows, errors),
-            "wall_seconds": round(wall, 3),
-            **_throughput(plan.rows, embedded, totals, job_seconds),
-            "device": stages.device if stages else "none (nothing to do)",
-            "resources": asdict(stages) if stages else None,
-            "model": (checkpoint or sam_checkpoint).name,
-            "family": family.name,
-            "weights": "random" if (checkpoint or sam_checkpoint).random_weights else "pretrained",
-            "sam_model": sam_checkpoint.name if sam_checkpoint and checkpoint else None,
-            "input": plan.root.uri,
-            "output": output.uri,
-            "index": index_manifest
-            and {k: index_manifest.get(k) for k in ("factory", "count", "dim", "mode")},
-            "written": written_folders(
-                totals, index_manifest is not None, config.model.store_tokens
+        summary = _summary(
+            config,
+            plan,
+            totals,
+            (checkpoint, sam_checkpoint, family),
+            (
+                output,
+                stages,
+                failure,
+                retried,
+                committed == (done_rows, int(totals.get("errors", 0))),
             ),
-            "text_queries": checkpoint is not None and can_embed_text(family),
-            "region_index": region_manifest
-            and {k: region_manifest.get(k) for k in ("factory", "count", "dim")},
-            "config": to_dict(config),
-        }
+            (index_manifest, region_manifest),
+            (time.time() - started, job_seconds),
+        )
         write_bytes_atomic(
             output.join("_summary.json"), json.dumps(summary, indent=2, default=str).encode()
         )
     if failure:
         raise RunFailed(failure, summary)
     return summary
+
+
+def _summary(
+    config: JobConfig,
+    plan: Any,
+    totals: dict[str, float],
+    models: tuple[Checkpoint | None, Checkpoint | None, Any],
+    run: tuple[Location, StagePlan | None, str, int, bool],
+    manifests: tuple[dict[str, Any] | None, dict[str, Any] | None],
+    seconds: tuple[float, float],
+) -> dict[str, Any]:
+    """The run's ``_summary.json``."""
+    checkpoint, sam_checkpoint, family = models
+    output, stages, failure, retried, files_match = run
+    index_manifest, region_manifest = manifests
+    wall, job_seconds = seconds
+    embedded, errors = int(totals.get("embedded", 0)), int(totals.get("errors", 0))
+    segmented, undone = int(totals.get("segmented", 0)), int(totals.get("undone", 0))
+    done_rows = embedded if checkpoint else segmented
+    main = checkpoint or sam_checkpoint
+    return {
+        "rows_in": plan.rows,
+        "embedded": embedded,
+        "segmented": segmented,
+        "masks": int(totals.get("masks", 0)),
+        "regions": int(totals.get("regions", 0)),
+        "regions_skipped": int(totals.get("regions_skipped", 0)),
+        "thumbnails": int(totals.get("thumbnails", 0)),
+        "errors": errors,
+        "skipped_done": plan.skipped,
+        "skipped": plan.skipped_files,
+        "input_errors": plan.unreadable,
+        "errors_retried_and_removed": retried,
+        "errors_by_stage": {
+            stage: int(totals[f"errors_{stage}"])
+            for stage in STAGES
+            if totals.get(f"errors_{stage}")
+        },
+        "undone": undone,
+        "failed": failure or None,
+        "accounted": plan.rows == done_rows + errors + undone and files_match,
+        "wall_seconds": round(wall, 3),
+        **_throughput(plan.rows, embedded, totals, job_seconds),
+        "device": stages.device if stages else "none (nothing to do)",
+        "resources": asdict(stages) if stages else None,
+        "model": main.name,
+        "family": family.name,
+        "weights": "random" if main.random_weights else "pretrained",
+        "sam_model": sam_checkpoint.name if sam_checkpoint and checkpoint else None,
+        "input": plan.root.uri,
+        "output": output.uri,
+        "index": index_manifest
+        and {k: index_manifest.get(k) for k in ("factory", "count", "dim", "mode")},
+        "written": written_folders(totals, index_manifest is not None, config.model.store_tokens),
+        "text_queries": checkpoint is not None and can_embed_text(family),
+        "region_index": region_manifest
+        and {k: region_manifest.get(k) for k in ("factory", "count", "dim")},
+        "config": to_dict(config),
+    }
