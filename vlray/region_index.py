@@ -4,27 +4,43 @@ The same files and rules as the image index (``index.faiss``, ``ids.parquet``, `
 written last, the type chosen by ``choose_factory`` within the memory budget, S3 outputs staged
 in a local folder), plus ``regions.parquet``: for FAISS position i the image ``id``, ``mask_id``
 and ``bbox`` of the region. The index's own ids are ``json.dumps([id, mask_id])``: unambiguous
-whatever characters the image ids hold. Rebuilt from ``regions/`` on each run that has regions.
+whatever characters the image ids hold. Like the image index it is updated incrementally: a run
+adds the region parts it committed (``regions.parquet`` gains their rows, in the same order) and
+rebuilds from every part only when the type no longer fits, the model changed, or the index
+lacks parts an earlier run committed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vlray.storage import Location, list_files, write_bytes_atomic
+from vlray.index import add_to_index, build_index, choose_factory
+from vlray.index.update import (
+    count_rows,
+    read_manifest,
+    rows_to_add,
+    run_entry,
+    stage_index,
+    upload_index,
+)
+from vlray.storage import Location, list_files
 
 REGIONS_DIR = "regions"
 """The region index's folder inside ``OUT/index/``."""
 META_FILE = "regions.parquet"
+logger = logging.getLogger(__name__)
+
 INDEX_FILES = ("index.faiss", "ids.parquet", META_FILE, "manifest.json")  # manifest last
 
 
@@ -33,68 +49,174 @@ def region_key(item_id: str, mask_id: int) -> str:
     return json.dumps([item_id, int(mask_id)], ensure_ascii=False)
 
 
-def _region_batches(output: Location) -> Callable[[], Iterator[tuple[list[str], np.ndarray]]]:
-    files = list_files(output.join("regions"), (".parquet",))
+META_COLUMNS = ("id", "mask_id", "bbox", "area")
+MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
+
+def _region_batches(
+    output: Location, paths: list[str]
+) -> Callable[[], Iterator[tuple[list[str], np.ndarray]]]:
     def batches() -> Iterator[tuple[list[str], np.ndarray]]:
-        for path in files:
+        for path in paths:
             with output.fs.open_input_file(path) as f:
-                table = pq.read_table(f, columns=["id", "mask_id", "embedding"])
-            if not table.num_rows:
-                continue
-            emb = table.column("embedding").combine_chunks()
-            vectors = emb.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-            keys = [
-                region_key(i, m)
-                for i, m in zip(
-                    table.column("id").to_pylist(), table.column("mask_id").to_pylist(), strict=True
-                )
-            ]
-            yield keys, vectors.reshape(-1, emb.type.list_size)
+                for batch in pq.ParquetFile(f).iter_batches(
+                    batch_size=1 << 16, columns=["id", "mask_id", "embedding"]
+                ):
+                    emb = batch.column("embedding")
+                    values = emb.values.to_numpy(zero_copy_only=False)
+                    vectors = values.reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
+                    ids, masks = batch.column("id").to_pylist(), batch.column("mask_id").to_pylist()
+                    yield [region_key(i, m) for i, m in zip(ids, masks, strict=True)], vectors
 
     return batches
 
 
-def _meta(output: Location) -> pa.Table:
-    tables = []
-    for path in list_files(output.join("regions"), (".parquet",)):
+def _meta_writer(
+    output: Location, paths: list[str], keep: str | None = None
+) -> Callable[[Path], None]:
+    """Writes ``regions.parquet`` (atomically, before the manifest): the rows of ``keep`` (the
+    index's current file, when adding) then the metadata of ``paths`` in their order, one
+    batch at a time."""
+
+    def write(out: Path) -> None:
+        final = out / META_FILE
+        tmp = out / f".{META_FILE}.{os.getpid()}.tmp"
+        writer: pq.ParquetWriter | None = None
+        try:
+            for batch in _meta_batches(output, paths, keep):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, batch.schema)
+                writer.write_table(pa.Table.from_batches([batch]).cast(writer.schema))
+            if writer is None:
+                pq.write_table(_EMPTY_META, tmp)
+            else:
+                writer.close()
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    return write
+
+
+_EMPTY_META = pa.table({"id": pa.array([], pa.string()), "mask_id": pa.array([], pa.int32())})
+
+
+def _meta_batches(output: Location, paths: list[str], keep: str | None) -> Iterator[pa.RecordBatch]:
+    if keep is not None:
+        yield from pq.ParquetFile(keep).iter_batches(batch_size=1 << 16)
+    for path in paths:
         with output.fs.open_input_file(path) as f:
-            tables.append(pq.read_table(f, columns=["id", "mask_id", "bbox", "area"]))
-    if not tables:
-        return pa.table({"id": [], "mask_id": [], "bbox": [], "area": []})
-    return pa.concat_tables(tables)
+            yield from pq.ParquetFile(f).iter_batches(batch_size=1 << 16, columns=META_COLUMNS)
 
 
 def build_region_index(
-    output: Location, dim: int, memory_budget_bytes: int, manifest: dict[str, Any]
+    output: Location,
+    dim: int,
+    memory_budget_bytes: int,
+    manifest: dict[str, Any],
+    new_files: list[str] | None = None,
 ) -> dict[str, Any] | None:
-    """(Re)builds ``OUT/index/regions/`` from every committed ``regions/`` part; returns its
-    manifest, or None when there are no regions."""
-    from vlray.index import build_index, choose_factory
+    """Brings ``OUT/index/regions/`` up to date with the committed ``regions/`` parts.
 
-    meta = _meta(output)
-    if not meta.num_rows:
+    Args:
+        new_files: Names of the parts this run committed: added to the existing index when it
+            still fits (same model, same kind of index for the new total). None: rebuild.
+
+    Returns:
+        The manifest plus ``mode`` (``add`` or ``rebuild``), or None when there are no regions.
+    """
+    paths = list_files(output.join("regions"), (".parquet",))
+    total = count_rows(output, paths)
+    if not total:
         return None
     index_loc = output.join("index", REGIONS_DIR)
+    existing = read_manifest(index_loc)
+    if existing is not None and any(existing.get(k) != manifest.get(k) for k in MODEL_KEYS):
+        existing = None
+    wanted = set(new_files or ())
+    new_paths = None if new_files is None else [p for p in paths if os.path.basename(p) in wanted]
+    count = rows_to_add(
+        output, existing, new_paths, dim=dim, total=total, budget=memory_budget_bytes
+    )
+    fields = {**manifest, "kind": "regions"}
     staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-regions-")
     try:
         os.makedirs(staging, exist_ok=True)
-        # regions.parquet first: positions follow the same file order as the batches
-        pq.write_table(meta, os.path.join(staging, META_FILE))
-        result = build_index(
-            _region_batches(output),
-            staging,
-            dim=dim,
-            count=meta.num_rows,
-            factory=choose_factory(meta.num_rows, dim, memory_budget_bytes),
-            memory_budget_bytes=memory_budget_bytes,
-            manifest={**manifest, "kind": "regions"},
-        )
+        result = None
+        if count is not None and existing is not None and new_paths is not None:
+            result = _add(output, index_loc, staging, existing, new_paths, count, dim, fields)
+        if result is None:
+            added = total if new_paths is None else count_rows(output, new_paths)
+            runs = list(existing.get("runs", [])) if existing else []
+            result = _rebuild(
+                output, staging, paths, total, dim, memory_budget_bytes, fields, runs, added
+            )
         if not index_loc.is_local:
-            for name in INDEX_FILES:
-                with open(os.path.join(staging, name), "rb") as f:
-                    write_bytes_atomic(index_loc.join(name), f.read())
+            upload_index(index_loc, staging, INDEX_FILES)
     finally:
         if not index_loc.is_local:
             shutil.rmtree(staging, ignore_errors=True)
+    logger.info("region index %s: %s over %d regions", result["mode"], result.get("factory"), total)
     return result
+
+
+def _add(
+    output: Location,
+    index_loc: Location,
+    staging: str,
+    existing: dict[str, Any],
+    new_paths: list[str],
+    count: int,
+    dim: int,
+    fields: dict[str, Any],
+) -> dict[str, Any] | None:
+    """The new parts added to the existing index; None when its ``regions.parquet`` does not
+    hold a row per vector (then the caller rebuilds)."""
+    if not index_loc.is_local:
+        stage_index(index_loc, staging, INDEX_FILES)
+    keep = os.path.join(staging, META_FILE)
+    try:
+        held = pq.ParquetFile(keep).metadata.num_rows
+    except (OSError, pa.ArrowInvalid):
+        held = -1
+    if held != int(existing.get("count", 0)):
+        logger.warning(
+            "%s holds %d rows for %s regions: rebuilding", META_FILE, held, existing.get("count")
+        )
+        return None
+    runs = [*existing.get("runs", []), run_entry(count, "add", existing.get("factory"))]
+    result = add_to_index(
+        _region_batches(output, new_paths),
+        staging,
+        dim=dim,
+        count=count,
+        manifest={**fields, "runs": runs},
+        before_manifest=_meta_writer(output, new_paths, keep),
+    )
+    return {**result, "mode": "add"}
+
+
+def _rebuild(
+    output: Location,
+    staging: str,
+    paths: list[str],
+    total: int,
+    dim: int,
+    budget: int,
+    fields: dict[str, Any],
+    runs: list[dict[str, Any]],
+    added: int,
+) -> dict[str, Any]:
+    """The region index built from every committed part."""
+    factory = choose_factory(total, dim, budget)
+    result = build_index(
+        _region_batches(output, paths),
+        staging,
+        dim=dim,
+        count=total,
+        factory=factory,
+        memory_budget_bytes=budget,
+        manifest={**fields, "runs": [*runs, run_entry(added, "rebuild", factory)]},
+        before_manifest=_meta_writer(output, paths),
+    )
+    return {**result, "mode": "rebuild"}

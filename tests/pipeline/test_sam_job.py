@@ -341,3 +341,37 @@ def test_decode_stage_decodes_once_for_two_models(siglip2_checkpoint, sam_checkp
         assert max(row["sam_th"], row["sam_tw"]) == 1024
         assert len(row["sam_pixels"]) == row["sam_th"] * row["sam_tw"] * 3
         assert len(row["pixels"]) == row["th"] * row["tw"] * 3
+
+
+def test_regions_incremental_run_adds_to_the_region_index(
+    siglip2_checkpoint, sam_checkpoint, ray_local, tmp_path
+):
+    """A scheduled rerun over a folder that gained an image: its regions are added to
+    index/regions/ (not rebuilt), each region once, and the index matches regions/."""
+    photos = _photos()
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    overrides = {
+        "input": {"uri": str(folder)},
+        "output": {"uri": str(tmp_path / "out")},
+        "model": {"name": str(siglip2_checkpoint)},
+        "sam": {"name": str(sam_checkpoint), **SAM_FAST},
+        "regions": {"enabled": True, "max_per_image": 3, "min_area": 0.0},
+    }
+    modes, counts = [], []
+    for batch in (photos[:1], photos[1:2]):
+        for name, blob, _ in batch:
+            (folder / f"{name}.jpg").write_bytes(blob)
+        summary = run_job(build_config(None, overrides))
+        assert summary["accounted"] and summary["embedded"] == len(batch)
+        modes.append(summary["region_index"]["mode"])
+        counts.append(summary["region_index"]["count"])
+    regions = pa.concat_tables(
+        [pq.read_table(f) for f in (tmp_path / "out" / "regions").glob("*.parquet")]
+    )
+    assert modes == ["rebuild", "add"] and counts[-1] == regions.num_rows > counts[0]
+    index = tmp_path / "out" / "index" / "regions"
+    meta = pq.read_table(index / "regions.parquet").to_pylist()
+    ids = pq.read_table(index / "ids.parquet").column("id").to_pylist()
+    assert ids == [json.dumps([m["id"], m["mask_id"]]) for m in meta]
+    assert sorted(ids) == sorted(json.dumps([r["id"], r["mask_id"]]) for r in regions.to_pylist())

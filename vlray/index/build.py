@@ -487,6 +487,7 @@ def build_index(
     manifest: dict | None = None,
     seed: int = 0,
     target_recall: float = TARGET_RECALL,
+    before_manifest: Callable[[Path], None] | None = None,
 ) -> dict:
     """Build an inner-product FAISS index over streamed embeddings and write it to ``index_dir``.
 
@@ -507,6 +508,8 @@ def build_index(
         manifest: Caller fields (model, family, weights, ...) stored in ``manifest.json``.
         seed: Seed for training sample, k-means and tuning queries.
         target_recall: recall@10 the stored search parameters reach on the tuning queries.
+        before_manifest: Called with ``index_dir`` once the index files are in place and
+            before the manifest is written (files of the caller's that must change with them).
 
     Returns:
         The manifest as written to ``manifest.json``.
@@ -556,6 +559,8 @@ def build_index(
         write_files(out, index, ids_tmp)
     finally:
         ids_tmp.unlink(missing_ok=True)
+    if before_manifest is not None:
+        before_manifest(out)
 
     result = {
         **caller_fields,
@@ -613,6 +618,7 @@ def add_to_index(
     dim: int,
     count: int,
     manifest: dict | None = None,
+    before_manifest: Callable[[Path], None] | None = None,
 ) -> dict:
     """Add streamed vectors to the index in ``index_dir`` (same atomic file protocol as build).
 
@@ -622,6 +628,7 @@ def add_to_index(
         dim: Vector dimension (must match).
         count: Rows ``batches`` yields (checked).
         manifest: Caller fields merged into the manifest.
+        before_manifest: As in :func:`build_index`.
 
     Returns:
         The new manifest; its ``runs`` list gains one entry.
@@ -656,6 +663,8 @@ def add_to_index(
     finally:
         ids_tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
+    if before_manifest is not None:
+        before_manifest(out)
     result = {
         **old,
         **(manifest or {}),

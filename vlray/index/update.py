@@ -24,6 +24,7 @@ from vlray.config import JobConfig
 from vlray.families import Checkpoint
 from vlray.families.fingerprint import hub_revision, weights_fingerprint
 from vlray.index.build import (
+    FLAT_MAX_ROWS,
     IDS_FILE,
     INDEX_FILE,
     MANIFEST_FILE,
@@ -101,30 +102,34 @@ def index_manifest_fields(
     }
 
 
-def _read_manifest(index_loc: Location) -> dict[str, Any] | None:
+def read_manifest(index_loc: Location) -> dict[str, Any] | None:
+    """The index's manifest, or None when there is none (or it cannot be read)."""
     try:
         return json.loads(read_bytes(index_loc.join(MANIFEST_FILE)))
     except (FileNotFoundError, OSError, ValueError):
         return None
 
 
-def _run_entry(rows_added: int, mode: str, factory: str | None) -> dict[str, Any]:
+def run_entry(rows_added: int, mode: str, factory: str | None) -> dict[str, Any]:
+    """One ``runs`` entry of an index manifest."""
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return {"at": at, "rows_added": rows_added, "mode": mode, "factory": factory or "Flat"}
 
 
-def _stage(index_loc: Location, staging: str) -> None:
-    for name in INDEX_FILES:
+def stage_index(index_loc: Location, staging: str, names: tuple[str, ...] = INDEX_FILES) -> None:
+    """Copies an S3 index's files into the local folder ``staging`` (to add to them)."""
+    for name in names:
         with open(os.path.join(staging, name), "wb") as f:
             f.write(read_bytes(index_loc.join(name)))
 
 
-def _upload(index_loc: Location, staging: str) -> None:
+def upload_index(index_loc: Location, staging: str, names: tuple[str, ...] = INDEX_FILES) -> None:
+    """Uploads the files of ``staging`` to an S3 index, in order (``names`` ends with the
+    manifest: a reader that sees the new manifest sees the new files)."""
     from vlray.pipeline.stop import hold_stops
 
-    # manifest last: a reader that sees the new manifest sees the new files
     with hold_stops():
-        for name in INDEX_FILES:
+        for name in names:
             with open(os.path.join(staging, name), "rb") as f:
                 write_bytes_atomic(index_loc.join(name), f.read())
 
@@ -153,18 +158,25 @@ def build_output_index(
     index_loc = output.join("index")
     staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
     budget = int(config.index.memory_budget_gb * (1 << 30))
-    existing = _read_manifest(index_loc)
+    existing = read_manifest(index_loc)
     same_model = existing is not None and all(existing.get(k) == fields[k] for k in MODEL_KEYS)
     runs = list(existing.get("runs", [])) if same_model and existing else []
     new_paths = embedding_files(output, new_files) if new_files is not None else None
-    count = _addable(
-        config, output, existing if same_model else None, dim, total, new_paths, budget
+    count = rows_to_add(
+        output,
+        existing if same_model else None,
+        new_paths,
+        dim=dim,
+        total=total,
+        budget=budget,
+        factory=config.index.factory or None,
+        flat_max=config.index.flat_max,
     )
     mode = "rebuild" if count is None else "add"
     if count is not None and new_paths is not None and existing is not None:
         if not index_loc.is_local:
-            _stage(index_loc, staging)
-        runs.append(_run_entry(count, mode, existing.get("factory")))
+            stage_index(index_loc, staging)
+        runs.append(run_entry(count, mode, existing.get("factory")))
         result = add_to_index(
             iter_embeddings(output, new_paths),
             staging,
@@ -176,7 +188,7 @@ def build_output_index(
         factory = config.index.factory or None
         if factory is None and total:
             factory = choose_factory(total, dim, budget, config.index.flat_max)
-        runs.append(_run_entry(rows_added, mode, factory))
+        runs.append(run_entry(rows_added, mode, factory))
         result = build_index(
             iter_embeddings(output, all_paths),
             staging,
@@ -187,22 +199,26 @@ def build_output_index(
             manifest={**fields, "runs": runs},
         )
     if not index_loc.is_local:
-        _upload(index_loc, staging)
+        upload_index(index_loc, staging)
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
     return {**result, "mode": mode}
 
 
-def _addable(
-    config: JobConfig,
+def rows_to_add(
     output: Location,
     existing: dict[str, Any] | None,
+    new_paths: list[str] | None,
+    *,
     dim: int,
     total: int,
-    new_paths: list[str] | None,
     budget: int,
+    factory: str | None = None,
+    flat_max: int = FLAT_MAX_ROWS,
 ) -> int | None:
-    """Rows to add to the existing index, or None when it must be rebuilt instead."""
+    """Rows of ``new_paths`` to add to the ``existing`` index (same model), or None when it
+    must be rebuilt instead: no index, unknown new files, a type that no longer fits the
+    total, or an index that lacks rows an earlier run committed."""
     if existing is None or new_paths is None:
         return None
     if not can_add(
@@ -210,8 +226,8 @@ def _addable(
         total=total,
         dim=dim,
         memory_budget_bytes=budget,
-        factory=config.index.factory or None,
-        flat_max=config.index.flat_max,
+        factory=factory,
+        flat_max=flat_max,
     ):
         return None
     count = count_rows(output, new_paths)
@@ -219,7 +235,7 @@ def _addable(
         # an earlier run committed rows but stopped before indexing them: the index lacks
         # files this run did not write
         logger.warning(
-            "index holds %s rows, this run added %d, embeddings/ holds %d: rebuilding",
+            "index holds %s rows, this run added %d, the output holds %d: rebuilding",
             existing.get("count"),
             count,
             total,

@@ -279,6 +279,7 @@ def _build_indexes(
         dim,
         int(config.index.memory_budget_gb * (1 << 30)),
         index_manifest_fields(config, checkpoint, family_name),
+        new_files,
     )
     return index_manifest, region_manifest
 
@@ -745,6 +746,6 @@ def _summary(
         "written": written_folders(totals, index_manifest is not None, config.model.store_tokens),
         "text_queries": checkpoint is not None and can_embed_text(family),
         "region_index": region_manifest
-        and {k: region_manifest.get(k) for k in ("factory", "count", "dim")},
+        and {k: region_manifest.get(k) for k in ("factory", "count", "dim", "mode")},
         "config": to_dict(config),
     }
