@@ -78,6 +78,13 @@ def test_every_row_lands_exactly_once(mixed_parquet, mixed_run):
     assert len(ids) == len(set(ids)), "no id twice in embeddings/"
     expected_ok = {n for n, _ in good} | {f"unusual/{n}" for n, _ in unusual}
     assert set(ids) == expected_ok
+    # on the CPU a part per encoder batch (16 rows here), not per output.rows_per_file (2048):
+    # a slow run commits as it goes and a stop keeps what it finished
+    parts = {}
+    for folder in ("embeddings", "errors"):
+        for path in (out / folder).glob("*.parquet"):
+            parts[path.name] = parts.get(path.name, 0) + pq.read_metadata(path).num_rows
+    assert len(parts) >= n_rows / 16 and max(parts.values()) <= 16, parts
     errors = dict(zip(err.column("id").to_pylist(), err.column("stage").to_pylist(), strict=True))
     assert {f"bad/{n}" for n, _ in bad} <= set(errors)
     assert errors["null-cell"] == "read"

@@ -75,3 +75,16 @@ def test_small_jobs_start_fewer_actors(fuse):
     assert plan_resources(forced, {"CPU": 2}, rows=10).decode_actors == 2
     if fuse == "auto":
         assert small.fused and small.encode_threads == 2
+
+
+def test_commit_rows_per_device():
+    """Parts are rows_per_file rows on an accelerator; on the CPU one encoder batch (8 SAM
+    batches with SAM), never more than rows_per_file."""
+    from vlray.pipeline.resources import commit_rows
+
+    assert commit_rows(2048, "cuda", 128, None) == 2048
+    assert commit_rows(2048, "cuda", 128, 4) == 2048
+    assert commit_rows(2048, "cpu", 128, None) == 128
+    assert commit_rows(2048, "cpu", 128, 4) == 32
+    assert commit_rows(8, "cpu", 128, None) == 8
+    assert commit_rows(8, "cpu", 128, 4) == 8

@@ -20,7 +20,13 @@ from vlray.index.update import build_output_index, index_manifest_fields
 from vlray.pipeline.files import ReadStage, WriteStage
 from vlray.pipeline.progress import Progress
 from vlray.pipeline.regions_stage import RegionStage
-from vlray.pipeline.resources import StagePlan, actor_stage, plan_resources, task_stage
+from vlray.pipeline.resources import (
+    StagePlan,
+    actor_stage,
+    commit_rows,
+    plan_resources,
+    task_stage,
+)
 from vlray.pipeline.sources import InputPlan, plan_input
 from vlray.pipeline.stages import DecodeEncodeStage, DecodeStage, EncodeStage, MaskStage
 from vlray.pipeline.state import LockLost, RunFailed, RunLock
@@ -96,7 +102,7 @@ def build_dataset(
             zero_copy_batch=True,
             **actor_stage(stages.decode_actors, stages.decode_cpus, stages.encode_gpus),
         )
-        return _write(ds, config, output, stages, dim)
+        return _write(ds, config, output, stages, dim, None)
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={
@@ -116,7 +122,8 @@ def build_dataset(
         ds = _model_stage(ds, MaskStage, sam_checkpoint, config.sam, config, stages)
     if regions:
         ds = _model_stage(ds, RegionStage, checkpoint, config.regions, config, stages)
-    return _write(ds, config, output, stages, dim)
+    sam_batch = config.sam.batch_size if sam_checkpoint is not None else None
+    return _write(ds, config, output, stages, dim, sam_batch)
 
 
 def _model_stage(
@@ -157,13 +164,23 @@ def _read(config: JobConfig, plan: Any, stages: StagePlan, prompts: bool) -> Any
     )
 
 
-def _write(ds: Any, config: JobConfig, output: Location | None, stages: StagePlan, dim: int) -> Any:
+def _write(
+    ds: Any,
+    config: JobConfig,
+    output: Location | None,
+    stages: StagePlan,
+    dim: int,
+    sam_batch: int | None,
+) -> Any:
     if output is None:  # vlray.embed: the caller's dataset, not files
         return ds
+    rows = commit_rows(
+        config.output.rows_per_file, stages.device, config.compute.encode_batch_size, sam_batch
+    )
     return ds.map_batches(
         WriteStage,
         fn_constructor_kwargs={"output": output, "dim": dim, "dtype": config.output.dtype},
-        batch_size=config.output.rows_per_file,
+        batch_size=rows,
         batch_format="numpy",
         **actor_stage(stages.write_actors, stages.io_cpus),
     )
