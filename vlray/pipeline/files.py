@@ -231,23 +231,20 @@ class WriteStage:
         write_parquet_atomic(self.output.join("regions", name), table)
         return table.num_rows
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        start = time.perf_counter()
-        errors = batch["error"].astype(str)
-        stage = batch["stage"].astype(str)
-        ok = errors == ""
-        held = np.isin(stage, UNCOMMITTED_STAGES) & ~ok  # left undone: not error rows
-        failed = ~ok & ~held
+    def _commit(self, batch: dict[str, np.ndarray], ok: np.ndarray, failed: np.ndarray) -> dict:
+        """Writes the batch's files, side parts first (thumbnails, masks, regions, tokens: a row
+        is done once it is in embeddings/ or errors/, so they must be there before); returns
+        how many thumbnails, masks and regions, and the part's name ("" when it wrote none)."""
         name = part_name([str(i) for i in batch["id"]])
-        n_ok = int(ok.sum())
-        n_err = int(failed.sum())
-        # thumbnails, masks, regions, tokens before embeddings/: a row is done once it is there
-        n_thumbs = (
-            self._write_thumbnails(batch["id"][ok], batch["thumb"][ok]) if "thumb" in batch else 0
-        )
-        n_masks = self._write_masks(batch, ok, name) if "masks" in batch and n_ok else 0
-        n_regions = self._write_regions(batch, ok, name) if "regions" in batch and n_ok else 0
-        if "tokens" in batch and n_ok:  # like masks: before the embeddings part commits them
+        n_ok, n_err = int(ok.sum()), int(failed.sum())
+        written = {"thumbnails": 0, "masks": 0, "regions": 0}
+        if "thumb" in batch:
+            written["thumbnails"] = self._write_thumbnails(batch["id"][ok], batch["thumb"][ok])
+        if "masks" in batch and n_ok:
+            written["masks"] = self._write_masks(batch, ok, name)
+        if "regions" in batch and n_ok:
+            written["regions"] = self._write_regions(batch, ok, name)
+        if "tokens" in batch and n_ok:
             write_parquet_atomic(
                 self.output.join("tokens", name), tokens_table(batch, ok, self.dim)
             )
@@ -255,39 +252,59 @@ class WriteStage:
             table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
             write_parquet_atomic(self.output.join("embeddings", name), table)
         if n_err:
+            stage, errors = batch["stage"].astype(str), batch["error"].astype(str)
             write_parquet_atomic(
                 self.output.join("errors", name), errors_table(batch, failed, stage, errors)
             )
-        systemic = np.flatnonzero(stage == SYSTEMIC)
-        first = int(systemic[0]) if len(systemic) else -1
-        groups = batches = 0.0
-        if "group_size" in batch:
-            gs = batch["group_size"][ok].astype(np.float64)
-            groups = float((1.0 / gs).sum()) if n_ok else 0.0
-            batches = float((1.0 / batch["batch_rows"].astype(np.float64)).sum())
+        return {**written, "file": name if n_ok or n_err else ""}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        errors = batch["error"].astype(str)
+        stage = batch["stage"].astype(str)
+        ok = errors == ""
+        held = np.isin(stage, UNCOMMITTED_STAGES) & ~ok  # left undone: not error rows
+        failed = ~ok & ~held
+        written = self._commit(batch, ok, failed)
+        n_ok = int(ok.sum())
         return {
             "rows": np.array([len(errors)]),
             "embedded": np.array([n_ok if self.schema is not None else 0]),
             "segmented": np.array([n_ok if "masks" in batch else 0]),
-            "masks": np.array([n_masks]),
-            "regions": np.array([n_regions]),
+            **{key: np.array([written[key]]) for key in ("masks", "regions", "thumbnails")},
             "regions_skipped": np.array(
                 [int(batch["regions_skipped"][ok].sum()) if "regions_skipped" in batch else 0]
             ),
-            "thumbnails": np.array([n_thumbs]),
-            "errors": np.array([n_err]),
-            "groups": np.array([groups]),
-            "batches": np.array([batches]),
+            "errors": np.array([int(failed.sum())]),
+            **_encoder_groups(batch, ok),
             **{
                 key: np.array([float(batch[key].sum()) if key in batch else 0.0])
                 for key in ("decode_s", "encode_s", "mask_s", "region_s")
             },
             "write_s": np.array([time.perf_counter() - start]),
             **{f"errors_{s}": np.array([int((stage[failed] == s).sum())]) for s in STAGES},
-            "undone": np.array([int((stage == TRANSIENT).sum())]),
-            "systemic": np.array([len(systemic)]),
-            "systemic_error": np.array(
-                [f"{errors[first]} (example id {batch['id'][first]!r})" if first >= 0 else ""]
-            ),
-            "file": np.array([name if n_ok or n_err else ""]),
+            **_undone(batch, stage, errors),
+            "file": np.array([written["file"]]),
         }
+
+
+def _encoder_groups(batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch's share of encoder groups and batches (each row counts 1/size of its own)."""
+    groups = batches = 0.0
+    if "group_size" in batch:
+        if ok.any():
+            groups = float((1.0 / batch["group_size"][ok].astype(np.float64)).sum())
+        batches = float((1.0 / batch["batch_rows"].astype(np.float64)).sum())
+    return {"groups": np.array([groups]), "batches": np.array([batches])}
+
+
+def _undone(batch: dict[str, np.ndarray], stage: np.ndarray, errors: np.ndarray) -> dict:
+    """Rows left undone: transient failures, and systemic ones with the first one's error."""
+    systemic = np.flatnonzero(stage == SYSTEMIC)
+    first = int(systemic[0]) if len(systemic) else -1
+    example = f"{errors[first]} (example id {batch['id'][first]!r})" if first >= 0 else ""
+    return {
+        "undone": np.array([int((stage == TRANSIENT).sum())]),
+        "systemic": np.array([len(systemic)]),
+        "systemic_error": np.array([example]),
+    }
