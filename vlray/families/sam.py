@@ -280,22 +280,7 @@ class SamMaskGenerator(MaskGenerator):
             ``segmentation`` (COCO RLE), ``bbox`` [x, y, w, h], ``area``, ``predicted_iou``,
             ``stability_score``.
         """
-        if points is None and boxes is None:
-            raise ValueError("prompted masks need points or boxes")
-        if points is not None:
-            points = points.reshape(-1, *points.shape[-2:])
-            labels = (
-                torch.ones(points.shape[:-1], dtype=torch.int64)
-                if labels is None
-                else labels.reshape(-1, labels.shape[-1])
-            )
-        if boxes is not None:
-            boxes = boxes.reshape(-1, 4)
-        n = points.shape[0] if points is not None else boxes.shape[0]
-        if points is not None and boxes is not None and boxes.shape[0] != n:
-            raise ValueError(
-                f"{n} point prompts but {boxes.shape[0]} boxes: pass one box per prompt"
-            )
+        points, labels, boxes, n = _prompt_tensors(points, labels, boxes)
         logits, ious, stabilities = [], [], []
         for start in range(0, n, prompts_per_batch):
             end = start + prompts_per_batch
@@ -331,6 +316,51 @@ class SamMaskGenerator(MaskGenerator):
             }
             for i in range(len(rles))
         ]
+
+    def _grid_masks(
+        self,
+        embeddings: torch.Tensor,
+        scaled: torch.Tensor,
+        original_size: tuple[int, int],
+        reshaped_input_size: tuple[int, int],
+        points_per_batch: int,
+        thresholds: tuple[float, float, float, float],
+    ) -> tuple[list[torch.Tensor], ...] | None:
+        """The grid points' masks that pass the IoU and stability filters, ``points_per_batch``
+        points at a time: (logits, iou, stability, xyxy boxes, point index) lists, or None."""
+        pred_iou_thresh, stability_score_thresh, stability_score_offset, mask_threshold = thresholds
+        h, w = original_size
+        rh, rw = reshaped_input_size
+        chunk = self._chunk((h, w))
+        kept_logits, kept_iou, kept_stability, kept_boxes, kept_point = [], [], [], [], []
+        for start in range(0, scaled.shape[0], points_per_batch):
+            pts = scaled[start : start + points_per_batch, None, :]  # (b, 1, 2)
+            labels = torch.ones(pts.shape[:-1], dtype=torch.int64, device=self.device)
+            low, iou = self._decode(embeddings, pts, labels, None, True)
+            k = low.shape[1]
+            low, iou = low.flatten(0, 1), iou.flatten()
+            point = torch.arange(start, start + pts.shape[0], device=self.device).repeat_interleave(
+                k
+            )
+            if pred_iou_thresh > 0.0:
+                keep = iou > pred_iou_thresh
+                low, iou, point = low[keep], iou[keep], point[keep]
+            for c in range(0, low.shape[0], chunk):
+                up = self.upsample(low[c : c + chunk], (h, w), (rh, rw))
+                stab = stability_score(up, mask_threshold, stability_score_offset)
+                keep = (
+                    stab > stability_score_thresh
+                    if stability_score_thresh > 0.0
+                    else torch.ones_like(stab, dtype=torch.bool)
+                )
+                kept_boxes.append(mask_to_box_xyxy(up[keep] > mask_threshold))
+                kept_logits.append(low[c : c + chunk][keep])
+                kept_iou.append(iou[c : c + chunk][keep])
+                kept_stability.append(stab[keep])
+                kept_point.append(point[c : c + chunk][keep])
+        if not kept_logits:
+            return None
+        return kept_logits, kept_iou, kept_stability, kept_boxes, kept_point
 
     @torch.inference_mode()
     def automatic(
@@ -371,35 +401,17 @@ class SamMaskGenerator(MaskGenerator):
         scaled[:, 0] = scaled[:, 0] * (rw / w)
         scaled[:, 1] = scaled[:, 1] * (rh / h)
         scaled = scaled.to(self.device)
-        chunk = self._chunk((h, w))
-        kept_logits, kept_iou, kept_stability, kept_boxes, kept_point = [], [], [], [], []
-        for start in range(0, scaled.shape[0], points_per_batch):
-            pts = scaled[start : start + points_per_batch, None, :]  # (b, 1, 2)
-            labels = torch.ones(pts.shape[:-1], dtype=torch.int64, device=self.device)
-            low, iou = self._decode(embeddings, pts, labels, None, True)
-            k = low.shape[1]
-            low, iou = low.flatten(0, 1), iou.flatten()
-            point = torch.arange(start, start + pts.shape[0], device=self.device).repeat_interleave(
-                k
-            )
-            if pred_iou_thresh > 0.0:
-                keep = iou > pred_iou_thresh
-                low, iou, point = low[keep], iou[keep], point[keep]
-            for c in range(0, low.shape[0], chunk):
-                up = self.upsample(low[c : c + chunk], (h, w), (rh, rw))
-                stab = stability_score(up, mask_threshold, stability_score_offset)
-                keep = (
-                    stab > stability_score_thresh
-                    if stability_score_thresh > 0.0
-                    else torch.ones_like(stab, dtype=torch.bool)
-                )
-                kept_boxes.append(mask_to_box_xyxy(up[keep] > mask_threshold))
-                kept_logits.append(low[c : c + chunk][keep])
-                kept_iou.append(iou[c : c + chunk][keep])
-                kept_stability.append(stab[keep])
-                kept_point.append(point[c : c + chunk][keep])
-        if not kept_logits:
+        kept = self._grid_masks(
+            embeddings,
+            scaled,
+            (h, w),
+            (rh, rw),
+            points_per_batch,
+            (pred_iou_thresh, stability_score_thresh, stability_score_offset, mask_threshold),
+        )
+        if kept is None:
             return []
+        kept_logits, kept_iou, kept_stability, kept_boxes, kept_point = kept
         boxes = torch.cat(kept_boxes)
         iou = torch.cat(kept_iou)
         order = batched_nms(
@@ -422,6 +434,28 @@ class SamMaskGenerator(MaskGenerator):
             }
             for i in range(len(rles))
         ]
+
+
+def _prompt_tensors(
+    points: torch.Tensor | None, labels: torch.Tensor | None, boxes: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int]:
+    """Prompts as (N, P, 2) points, (N, P) labels (all foreground when None), (N, 4) boxes,
+    and N; one box per point prompt when both are given."""
+    if points is None and boxes is None:
+        raise ValueError("prompted masks need points or boxes")
+    if points is not None:
+        points = points.reshape(-1, *points.shape[-2:])
+        labels = (
+            torch.ones(points.shape[:-1], dtype=torch.int64)
+            if labels is None
+            else labels.reshape(-1, labels.shape[-1])
+        )
+    if boxes is not None:
+        boxes = boxes.reshape(-1, 4)
+    n = points.shape[0] if points is not None else boxes.shape[0]
+    if points is not None and boxes is not None and boxes.shape[0] != n:
+        raise ValueError(f"{n} point prompts but {boxes.shape[0]} boxes: pass one box per prompt")
+    return points, labels, boxes, n
 
 
 class SamFamily(Family):
