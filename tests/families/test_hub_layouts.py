@@ -207,7 +207,19 @@ def test_sharded_weights_load_the_same(kind: str, folders: dict[str, dict[str, P
         b = parts.load_mask_generator(CPU, torch.float32).image_embeddings(inputs)
         assert torch.equal(a, b)
     else:
-        assert torch.equal(_ours(whole, PHOTOS[:2]), _ours(parts, PHOTOS[:2]))
+        # the shards hold the whole file's tensors bit for bit; the forward pass may take other
+        # SIMD paths for other buffer alignments (1 ulp on an AMD EPYC), so within 1e-6, as in
+        # the layout test above
+        from safetensors.torch import load_file
+
+        whole_tensors = load_file(folders[kind]["hub"] / "model.safetensors")
+        shard_tensors: dict[str, torch.Tensor] = {}
+        for name in set(index["weight_map"].values()):
+            shard_tensors.update(load_file(sharded / name))
+        assert shard_tensors.keys() == whole_tensors.keys()
+        assert all(torch.equal(shard_tensors[k], t) for k, t in whole_tensors.items())
+        diff = (_ours(whole, PHOTOS[:2]) - _ours(parts, PHOTOS[:2])).abs().max().item()
+        assert diff <= 1e-6, diff
 
 
 def test_sam_hub_layout_matches_reference(folders: dict[str, dict[str, Path]]) -> None:
