@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from vlray.index import add_to_index, build_index, choose_factory
 from vlray.index.update import (
+    MODEL_KEYS,
     count_rows,
     read_manifest,
     rows_to_add,
@@ -50,7 +51,6 @@ def region_key(item_id: str, mask_id: int) -> str:
 
 
 META_COLUMNS = ("id", "mask_id", "bbox", "area")
-MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
 
 def _region_batches(
