@@ -8,6 +8,11 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+ACCESS_KEY = "AKIAVLRAYTESTKEY0001"
+SECRET_KEY = "vlray-test-SECRET-do-not-leak-7f3a9c"
+"""The fake credentials of the test S3 server (a test checks the secret never leaks)."""
+BUCKET = "vlray-test"
+
 SLOW_DOWN = (
     b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
     b"<Message>Please reduce your request rate.</Message></Error>"

@@ -15,34 +15,36 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlray.index import add_to_index, build_index, choose_factory
+from vlray.index.build import Batches
 from vlray.index.update import (
-    MODEL_KEYS,
+    committed_files,
     count_rows,
+    iter_embeddings,
     read_manifest,
     rows_to_add,
     run_entry,
+    same_model,
     stage_index,
-    upload_index,
+    staged_index,
 )
-from vlray.storage import Location, list_files
+from vlray.storage import Location
 
 REGIONS_DIR = "regions"
 """The region index's folder inside ``OUT/index/``."""
 META_FILE = "regions.parquet"
-logger = logging.getLogger(__name__)
-
+META_COLUMNS = ("id", "mask_id", "bbox", "area")
+"""``regions.parquet``'s columns: the region at each FAISS position."""
 INDEX_FILES = ("index.faiss", "ids.parquet", META_FILE, "manifest.json")  # manifest last
+
+logger = logging.getLogger(__name__)
 
 
 def region_key(item_id: str, mask_id: int) -> str:
@@ -50,25 +52,14 @@ def region_key(item_id: str, mask_id: int) -> str:
     return json.dumps([item_id, int(mask_id)], ensure_ascii=False)
 
 
-META_COLUMNS = ("id", "mask_id", "bbox", "area")
+def _region_ids(batch: pa.RecordBatch) -> list[str]:
+    ids, masks = batch.column("id").to_pylist(), batch.column("mask_id").to_pylist()
+    return [region_key(i, m) for i, m in zip(ids, masks, strict=True)]
 
 
-def _region_batches(
-    output: Location, paths: list[str]
-) -> Callable[[], Iterator[tuple[list[str], np.ndarray]]]:
-    def batches() -> Iterator[tuple[list[str], np.ndarray]]:
-        for path in paths:
-            with output.fs.open_input_file(path) as f:
-                for batch in pq.ParquetFile(f).iter_batches(
-                    batch_size=1 << 16, columns=["id", "mask_id", "embedding"]
-                ):
-                    emb = batch.column("embedding")
-                    values = emb.values.to_numpy(zero_copy_only=False)
-                    vectors = values.reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
-                    ids, masks = batch.column("id").to_pylist(), batch.column("mask_id").to_pylist()
-                    yield [region_key(i, m) for i, m in zip(ids, masks, strict=True)], vectors
-
-    return batches
+def _region_batches(output: Location, paths: list[str]) -> Batches:
+    """``(region keys, vectors)`` of the parts ``paths``, one Parquet batch at a time."""
+    return iter_embeddings(output, paths, key=(("id", "mask_id"), _region_ids))
 
 
 def _meta_writer(
@@ -87,18 +78,14 @@ def _meta_writer(
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, batch.schema)
                 writer.write_table(pa.Table.from_batches([batch]).cast(writer.schema))
-            if writer is None:
-                pq.write_table(_EMPTY_META, tmp)
-            else:
-                writer.close()
+            if writer is None:  # callers index at least one region
+                raise ValueError("no region metadata to write")
+            writer.close()
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
 
     return write
-
-
-_EMPTY_META = pa.table({"id": pa.array([], pa.string()), "mask_id": pa.array([], pa.int32())})
 
 
 def _meta_batches(output: Location, paths: list[str], keep: str | None) -> Iterator[pa.RecordBatch]:
@@ -125,23 +112,18 @@ def build_region_index(
     Returns:
         The manifest plus ``mode`` (``add`` or ``rebuild``), or None when there are no regions.
     """
-    paths = list_files(output.join("regions"), (".parquet",))
+    paths = committed_files(output, "regions")
     total = count_rows(output, paths)
     if not total:
         return None
     index_loc = output.join("index", REGIONS_DIR)
-    existing = read_manifest(index_loc)
-    if existing is not None and any(existing.get(k) != manifest.get(k) for k in MODEL_KEYS):
-        existing = None
-    wanted = set(new_files or ())
-    new_paths = None if new_files is None else [p for p in paths if os.path.basename(p) in wanted]
+    existing = same_model(read_manifest(index_loc), manifest)
+    new_paths = None if new_files is None else committed_files(output, "regions", new_files)
     count = rows_to_add(
         output, existing, new_paths, dim=dim, total=total, budget=memory_budget_bytes
     )
     fields = {**manifest, "kind": "regions"}
-    staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-regions-")
-    try:
-        os.makedirs(staging, exist_ok=True)
+    with staged_index(index_loc, INDEX_FILES, prefix="vlray-regions-") as staging:
         result = None
         if count is not None and existing is not None and new_paths is not None:
             result = _add(output, index_loc, staging, existing, new_paths, count, dim, fields)
@@ -151,11 +133,6 @@ def build_region_index(
             result = _rebuild(
                 output, staging, paths, total, dim, memory_budget_bytes, fields, runs, added
             )
-        if not index_loc.is_local:
-            upload_index(index_loc, staging, INDEX_FILES)
-    finally:
-        if not index_loc.is_local:
-            shutil.rmtree(staging, ignore_errors=True)
     logger.info("region index %s: %s over %d regions", result["mode"], result.get("factory"), total)
     return result
 
@@ -172,10 +149,10 @@ def _add(
 ) -> dict[str, Any] | None:
     """The new parts added to the existing index; None when its ``regions.parquet`` does not
     hold a row per vector (then the caller rebuilds)."""
-    if not index_loc.is_local:
-        stage_index(index_loc, staging, INDEX_FILES)
     keep = os.path.join(staging, META_FILE)
-    try:
+    try:  # a missing or unreadable metadata file (on S3: staging fails) means rebuild
+        if not index_loc.is_local:
+            stage_index(index_loc, staging, INDEX_FILES)
         held = pq.ParquetFile(keep).metadata.num_rows
     except (OSError, pa.ArrowInvalid):
         held = -1

@@ -6,13 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from s3_server import MotoS3
+from s3_server import ACCESS_KEY, BUCKET, SECRET_KEY, MotoS3
 
 from vlray.config import S3Config
-
-ACCESS_KEY = "AKIAVLRAYTESTKEY0001"
-SECRET_KEY = "vlray-test-SECRET-do-not-leak-7f3a9c"
-BUCKET = "vlray-test"
 
 
 @dataclass

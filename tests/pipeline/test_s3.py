@@ -16,8 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SECRET_KEY
-from s3_server import FaultProxy, free_port
+from s3_server import SECRET_KEY, FaultProxy, free_port
 
 from vlray.config import S3Config, build_config, to_dict
 from vlray.pipeline.job import run_job

@@ -14,10 +14,12 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlray.config import JobConfig
@@ -42,33 +44,47 @@ INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE)
 MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
 
-def embedding_files(output: Location, names: Iterable[str] | None = None) -> list[str]:
-    """Paths of committed ``embeddings/`` files: all of them, or those named ``names`` that
-    exist (a run's file names cover errors/ too)."""
-    paths = list_files(output.join("embeddings"), (".parquet",))
+def committed_files(
+    output: Location, folder: str = "embeddings", names: Iterable[str] | None = None
+) -> list[str]:
+    """Paths of the committed Parquet parts in ``output/folder``: all of them, or those named
+    ``names`` that exist (a run's part names cover errors/ too)."""
+    paths = list_files(output.join(folder), (".parquet",))
     if names is None:
         return paths
     wanted = set(names)
     return [p for p in paths if os.path.basename(p) in wanted]
 
 
-def iter_embeddings(output: Location, paths: list[str], batch_rows: int = 65536) -> Batches:
+def plain_ids(batch: pa.RecordBatch) -> list[str]:
+    """The index ids of an ``embeddings/`` batch: its ``id`` column."""
+    return batch.column("id").to_pylist()
+
+
+def iter_embeddings(
+    output: Location,
+    paths: list[str],
+    batch_rows: int = 65536,
+    key: tuple[tuple[str, ...], Callable[[pa.RecordBatch], list[str]]] = (("id",), plain_ids),
+) -> Batches:
     """A callable yielding ``(ids, vectors)`` from ``paths``, one Parquet batch at a time.
 
     Vectors are float32 (n, d); float16 files are read as stored and widened per batch, so
-    at most ``batch_rows`` rows are ever in memory.
+    at most ``batch_rows`` rows are ever in memory. ``key``: the columns the index ids are
+    made of and the function that makes them from a batch (regions: image id + mask id).
     """
+    columns, ids = key
 
     def batches() -> Iterator[tuple[list[str], np.ndarray]]:
         for path in paths:
             with output.fs.open_input_file(path) as f:
                 for batch in pq.ParquetFile(f).iter_batches(
-                    batch_size=batch_rows, columns=["id", "embedding"]
+                    batch_size=batch_rows, columns=[*columns, "embedding"]
                 ):
                     emb = batch.column("embedding")
                     values = emb.values.to_numpy(zero_copy_only=False)
                     vectors = values.reshape(-1, emb.type.list_size).astype(np.float32, copy=False)
-                    yield batch.column("id").to_pylist(), vectors
+                    yield ids(batch), vectors
 
     return batches
 
@@ -134,6 +150,32 @@ def upload_index(index_loc: Location, staging: str, names: tuple[str, ...] = IND
                 write_bytes_atomic(index_loc.join(name), f.read())
 
 
+def same_model(existing: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any] | None:
+    """``existing`` when it was built from the same model as ``fields`` says, else None."""
+    if existing is None or any(existing.get(k) != fields.get(k) for k in MODEL_KEYS):
+        return None
+    return existing
+
+
+@contextmanager
+def staged_index(
+    index_loc: Location, names: tuple[str, ...] = INDEX_FILES, prefix: str = "vlray-index-"
+) -> Iterator[str]:
+    """A local folder to write the index in: its own folder when local; for S3 a temporary
+    one, uploaded (``names`` in order, manifest last) when the block succeeds and removed
+    either way."""
+    if index_loc.is_local:
+        os.makedirs(index_loc.path, exist_ok=True)
+        yield index_loc.path
+        return
+    staging = tempfile.mkdtemp(prefix=prefix)
+    try:
+        yield staging
+        upload_index(index_loc, staging, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def build_output_index(
     config: JobConfig,
     checkpoint: Checkpoint,
@@ -152,19 +194,17 @@ def build_output_index(
     Returns:
         The index manifest plus ``mode``: ``add`` or ``rebuild``.
     """
-    all_paths = embedding_files(output)
+    all_paths = committed_files(output)
     total = count_rows(output, all_paths)
     fields = index_manifest_fields(config, checkpoint, family_name)
     index_loc = output.join("index")
-    staging = index_loc.path if index_loc.is_local else tempfile.mkdtemp(prefix="vlray-index-")
     budget = int(config.index.memory_budget_gb * (1 << 30))
-    existing = read_manifest(index_loc)
-    same_model = existing is not None and all(existing.get(k) == fields[k] for k in MODEL_KEYS)
-    runs = list(existing.get("runs", [])) if same_model and existing else []
-    new_paths = embedding_files(output, new_files) if new_files is not None else None
+    existing = same_model(read_manifest(index_loc), fields)
+    runs = list(existing.get("runs", [])) if existing else []
+    new_paths = None if new_files is None else committed_files(output, names=new_files)
     count = rows_to_add(
         output,
-        existing if same_model else None,
+        existing,
         new_paths,
         dim=dim,
         total=total,
@@ -173,34 +213,32 @@ def build_output_index(
         flat_max=config.index.flat_max,
     )
     mode = "rebuild" if count is None else "add"
-    if count is not None and new_paths is not None and existing is not None:
-        if not index_loc.is_local:
-            stage_index(index_loc, staging)
-        runs.append(run_entry(count, mode, existing.get("factory")))
-        result = add_to_index(
-            iter_embeddings(output, new_paths),
-            staging,
-            dim=dim,
-            count=count,
-            manifest={**fields, "runs": runs},
-        )
-    else:
-        factory = config.index.factory or None
-        if factory is None and total:
-            factory = choose_factory(total, dim, budget, config.index.flat_max)
-        runs.append(run_entry(rows_added, mode, factory))
-        result = build_index(
-            iter_embeddings(output, all_paths),
-            staging,
-            dim=dim,
-            count=total,
-            factory=factory,
-            memory_budget_bytes=budget,
-            manifest={**fields, "runs": runs},
-        )
-    if not index_loc.is_local:
-        upload_index(index_loc, staging)
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_index(index_loc) as staging:
+        if count is not None and existing is not None and new_paths is not None:
+            if not index_loc.is_local:
+                stage_index(index_loc, staging)
+            runs.append(run_entry(count, mode, existing.get("factory")))
+            result = add_to_index(
+                iter_embeddings(output, new_paths),
+                staging,
+                dim=dim,
+                count=count,
+                manifest={**fields, "runs": runs},
+            )
+        else:
+            factory = config.index.factory or None
+            if factory is None and total:
+                factory = choose_factory(total, dim, budget, config.index.flat_max)
+            runs.append(run_entry(rows_added, mode, factory))
+            result = build_index(
+                iter_embeddings(output, all_paths),
+                staging,
+                dim=dim,
+                count=total,
+                factory=factory,
+                memory_budget_bytes=budget,
+                manifest={**fields, "runs": runs},
+            )
     logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
     return {**result, "mode": mode}
 

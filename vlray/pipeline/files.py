@@ -231,7 +231,13 @@ class WriteStage:
         write_parquet_atomic(self.output.join("regions", name), table)
         return table.num_rows
 
-    def _commit(self, batch: dict[str, np.ndarray], ok: np.ndarray, failed: np.ndarray) -> dict:
+    def _commit(
+        self,
+        batch: dict[str, np.ndarray],
+        ok: np.ndarray,
+        failed: np.ndarray,
+        stage_error: tuple[np.ndarray, np.ndarray],
+    ) -> dict:
         """Writes the batch's files, side parts first (thumbnails, masks, regions, tokens: a row
         is done once it is in embeddings/ or errors/, so they must be there before); returns
         how many thumbnails, masks and regions, and the part's name ("" when it wrote none)."""
@@ -252,7 +258,7 @@ class WriteStage:
             table = embeddings_table(batch, ok, self.schema, self.dim, self.dtype)
             write_parquet_atomic(self.output.join("embeddings", name), table)
         if n_err:
-            stage, errors = batch["stage"].astype(str), batch["error"].astype(str)
+            stage, errors = stage_error
             write_parquet_atomic(
                 self.output.join("errors", name), errors_table(batch, failed, stage, errors)
             )
@@ -265,7 +271,7 @@ class WriteStage:
         ok = errors == ""
         held = np.isin(stage, UNCOMMITTED_STAGES) & ~ok  # left undone: not error rows
         failed = ~ok & ~held
-        written = self._commit(batch, ok, failed)
+        written = self._commit(batch, ok, failed, (stage, errors))
         n_ok = int(ok.sum())
         return {
             "rows": np.array([len(errors)]),
