@@ -476,6 +476,29 @@ def manifest_fields(
     }
 
 
+def _train(
+    batches: Batches,
+    index: faiss.Index,
+    factory: str,
+    count: int,
+    dim: int,
+    memory_budget_bytes: int,
+    seed: int,
+) -> tuple[ExactTopK | None, int]:
+    """First pass of a build: the tuning queries drawn (None for Flat) and ``index`` trained
+    on a reservoir sample when its type needs training; returns (queries, training rows)."""
+    tunable = factory.upper() != "FLAT" and count > 0
+    truth = ExactTopK(query_positions(count, seed), dim) if tunable else None
+    sample = _sample_and_queries(
+        batches, index, factory, count, dim, memory_budget_bytes, seed, truth
+    )
+    if sample is None:
+        return truth, 0
+    logger.info("training %s on %d sampled vectors", factory, sample.shape[0])
+    train_index(index, sample, seed)
+    return truth, int(sample.shape[0])
+
+
 def build_index(
     batches: Batches,
     index_dir: str | Path,
@@ -535,17 +558,7 @@ def build_index(
     # A manifest next to half-replaced files would describe the wrong index: drop it first.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
 
-    tunable = factory.upper() != "FLAT" and count > 0
-    truth = ExactTopK(query_positions(count, seed), dim) if tunable else None
-    sample = _sample_and_queries(
-        batches, index, factory, count, dim, memory_budget_bytes, seed, truth
-    )
-    train_rows = 0 if sample is None else int(sample.shape[0])
-    if sample is not None:
-        logger.info("training %s on %d sampled vectors", factory, train_rows)
-        train_index(index, sample, seed)
-        del sample
-
+    truth, train_rows = _train(batches, index, factory, count, dim, memory_budget_bytes, seed)
     ids_tmp = _tmp_name(out / IDS_FILE)
     try:
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:

@@ -630,11 +630,24 @@ def _accounting_failure(
     return "", True
 
 
+def _previous_runs(config: JobConfig, output: Location, done_folder: str) -> tuple[Any, list[str]]:
+    """What earlier runs left (under the lock): their partial files removed, the ids they
+    finished, and (``--retry-errors``) the error parts to rewrite once their rows are redone."""
+    from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
+
+    removed = remove_stale_temp_files(output) + remove_orphan_parts(output, done_folder)
+    if removed:
+        logger.warning("removed %d partial files left by an interrupted run", removed)
+    done = done_ids(output, include_errors=not config.retry_errors, folder=done_folder)
+    old_error_files = (
+        list_files(output.join("errors"), (".parquet",)) if config.retry_errors else []
+    )
+    return done, old_error_files
+
+
 def _run_job(
     config: JobConfig, stops: StopSignals, progress: Progress | None, quiet: bool
 ) -> dict[str, Any]:
-    from vlray.pipeline.state import done_ids, remove_orphan_parts, remove_stale_temp_files
-
     started = time.time()
     _check_storage(config)
     checkpoint, sam_checkpoint, family = _resolve_models(config)
@@ -643,13 +656,7 @@ def _run_job(
     output = locate(config.output.uri, config.s3)
     lock = RunLock(output, config.s3, on_lost=stops.interrupt)
     with lock, _Stopping(output, (done_folder, "errors")) as stopping:
-        removed = remove_stale_temp_files(output) + remove_orphan_parts(output, done_folder)
-        if removed:
-            logger.warning("removed %d partial files left by an interrupted run", removed)
-        done = done_ids(output, include_errors=not config.retry_errors, folder=done_folder)
-        old_error_files = (
-            list_files(output.join("errors"), (".parquet",)) if config.retry_errors else []
-        )
+        done, old_error_files = _previous_runs(config, output, done_folder)
         plan = plan_input(config.input, config.s3, done)
         logger.info(
             "input: %d rows to do (%d already done) in %d read tasks",
