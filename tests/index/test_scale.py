@@ -111,6 +111,12 @@ def test_tuned_nprobe_reaches_target_on_held_out_queries(tmp_path):
     index = SearchIndex.load(tmp_path)  # the stored nprobe is applied by default
     assert faiss.extract_index_ivf(index.index).nprobe == nprobe
     assert _recall(index, data, held_out) >= 0.85
+    # one query's lists are scanned by every thread; the hits are those of one thread per query
+    assert faiss.extract_index_ivf(index.index).parallel_mode == 1
+    parallel = [index.search(q, 10) for q in held_out[:20]]
+    faiss.extract_index_ivf(index.index).parallel_mode = 0
+    assert [index.search(q, 10) for q in held_out[:20]] == parallel
+    faiss.extract_index_ivf(index.index).parallel_mode = 1
     # the cheapest setting: half the probes misses the target on the tuning queries
     if nprobe > 1:
         faiss.extract_index_ivf(index.index).nprobe = nprobe // 2

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlray.index.build import IDS_FILE, INDEX_FILE, MANIFEST_FILE
+from vlray.index.tune import probe_in_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class SearchIndex:
         params = faiss.ParameterSpace()
         for name, value in manifest.get("search_params", {}).items():
             params.set_index_parameter(index, name, value)
+        probe_in_parallel(index)
         load_seconds = time.perf_counter() - start
         logger.info(
             "loaded %s index of %d rows in %.2fs", manifest.get("factory"), len(ids), load_seconds
