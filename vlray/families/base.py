@@ -23,6 +23,7 @@ family or probe an object for methods.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -412,6 +413,9 @@ class Family(ABC):
 
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]
+    default_resample: ClassVar[int] = 3
+    """PIL resample code of the reference processor when its config names none (3 bicubic,
+    2 bilinear)."""
     packed_groups: ClassVar[bool] = False
     """Whether ``preprocess`` reads packed RGB groups faster than PIL's 4-byte pixels (in
     ``batch.preprocess_images``): True where it gathers patches whose rows then hold 3 * patch
@@ -474,10 +478,11 @@ class Family(ABC):
         """(transformers module class, its config): what ``load_encoder`` (or SAM's mask
         generator) keeps in memory, built as ``module_cls._from_config(config)``."""
 
-    @property
-    @abstractmethod
+    @functools.cached_property
     def interpolation(self) -> InterpolationMode:
-        """The filter of the uint8 resize to the target shape (antialiased, as the reference)."""
+        """The filter of the uint8 resize to the target shape (antialiased, as the reference):
+        the processor config's ``resample``, else the family's ``default_resample``."""
+        return interpolation_from_resample(self.processor.get("resample"), self.default_resample)
 
     @abstractmethod
     def target_size(self, height: int, width: int) -> tuple[int, int]:
@@ -563,6 +568,26 @@ class Family(ABC):
 
     def _mask_generator(self, device: torch.device, dtype: torch.dtype) -> MaskGenerator:
         raise NotImplementedError(f"{self.name} lists masks but builds no mask generator")
+
+
+class ResizeCropFamily(Family):
+    """A family whose processor resizes (``policy``: shortest edge, then an optional centre
+    crop) and normalises channel-first (``normalization``), as CLIP's and DINOv2's do."""
+
+    policy: ResizeCrop
+    normalization: Normalization
+
+    def resize_size(self, height: int, width: int) -> tuple[int, int]:
+        """The shortest edge to the processor's ``size``, the long side rounded down."""
+        return self.policy.resize_size(height, width)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The processor's ``crop_size`` (the resize itself with ``do_center_crop`` off)."""
+        return self.policy.target_size(height, width)
+
+    def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
+        return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
 
 class TwoTowerFamily(Family):

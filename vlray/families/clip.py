@@ -15,15 +15,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     ImageEncoder,
     Normalization,
     ResizeCrop,
+    ResizeCropFamily,
     TextEncoder,
     TwoTowerFamily,
-    interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, load_model, vision_config
 
@@ -82,7 +81,7 @@ class ClipTextEncoder(TextEncoder):
         return F.normalize(self.projection(pooled).float(), dim=-1).cpu()
 
 
-class ClipFamily(TwoTowerFamily):
+class ClipFamily(ResizeCropFamily, TwoTowerFamily):
     """CLIP: shortest edge to ``size``, centre crop to ``crop_size`` (224x224 for ViT-B/32),
     bicubic; every image ends at the crop size, so a whole batch is one group."""
 
@@ -96,15 +95,9 @@ class ClipFamily(TwoTowerFamily):
         self.policy = ResizeCrop.from_processor(
             self.processor, {"shortest_edge": side}, {"height": side, "width": side}
         )
-        self._interpolation = interpolation_from_resample(self.processor.get("resample"), 3)
         self.normalization = Normalization.from_processor(
             self.processor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         )
-
-    @property
-    def interpolation(self) -> InterpolationMode:
-        """Bicubic unless the processor config says otherwise."""
-        return self._interpolation
 
     @property
     def embedding_dim(self) -> int:
@@ -118,18 +111,6 @@ class ClipFamily(TwoTowerFamily):
         config = copy.deepcopy(vision_config(self.config))
         config.projection_dim = self.embedding_dim  # CLIPModel's, not the sub-config's default
         return CLIPVisionModelWithProjection, config
-
-    def resize_size(self, height: int, width: int) -> tuple[int, int]:
-        """The shortest edge to the processor's ``size``, the long side rounded down."""
-        return self.policy.resize_size(height, width)
-
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """The processor's ``crop_size`` (the resize itself with ``do_center_crop`` off)."""
-        return self.policy.target_size(height, width)
-
-    def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
-        return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
     def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """The vision tower + ``visual_projection`` of ``CLIPModel``."""

@@ -19,14 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
-    Family,
     ImageEncoder,
     Normalization,
     ResizeCrop,
-    interpolation_from_resample,
+    ResizeCropFamily,
 )
 from vlray.families.checkpoint import Checkpoint, load_model
 from vlray.families.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -73,7 +71,7 @@ class Dinov2ImageEncoder(ImageEncoder):
         return F.normalize(pooled.float(), dim=-1)
 
 
-class Dinov2Family(Family):
+class Dinov2Family(ResizeCropFamily):
     """DINOv2: shortest edge to ``size``, centre crop to ``crop_size``, bicubic; every image
     ends at the crop size, so a whole batch is one group."""
 
@@ -83,7 +81,6 @@ class Dinov2Family(Family):
     def __init__(self, checkpoint: Checkpoint) -> None:
         super().__init__(checkpoint)
         self.policy = ResizeCrop.from_processor(self.processor, DEFAULT_SIZE, DEFAULT_CROP)
-        self._interpolation = interpolation_from_resample(self.processor.get("resample"), 3)
         self.normalization = Normalization.from_processor(
             self.processor, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
         )
@@ -95,11 +92,6 @@ class Dinov2Family(Family):
             )
 
     @property
-    def interpolation(self) -> InterpolationMode:
-        """Bicubic unless the processor config says otherwise."""
-        return self._interpolation
-
-    @property
     def embedding_dim(self) -> int:
         """``hidden_size`` (CLS), or twice it (``cls_mean``)."""
         hidden = int(self.config.hidden_size)
@@ -108,18 +100,6 @@ class Dinov2Family(Family):
     def resident_module(self) -> tuple[Any, PreTrainedConfig]:
         """The whole model (it is a vision tower)."""
         return _model_class(self.checkpoint.model_type), self.config
-
-    def resize_size(self, height: int, width: int) -> tuple[int, int]:
-        """The shortest edge to the processor's ``size``, the long side rounded down."""
-        return self.policy.resize_size(height, width)
-
-    def target_size(self, height: int, width: int) -> tuple[int, int]:
-        """The processor's ``crop_size`` (the resize itself with ``do_center_crop`` off)."""
-        return self.policy.target_size(height, width)
-
-    def preprocess(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """uint8 (B, 3, H, W) -> ``pixel_values`` float32 (B, 3, H, W)."""
-        return {"pixel_values": self.normalization.apply(images, channel_dim=1)}
 
     def _image_encoder(self, device: torch.device, dtype: torch.dtype) -> ImageEncoder:
         """``Dinov2Model`` (``Dinov2WithRegistersModel`` for registers checkpoints)."""

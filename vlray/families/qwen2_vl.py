@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     CHUNK_ELEMENTS,
@@ -35,7 +34,6 @@ from vlray.families.base import (
     Normalization,
     TokenMatrices,
     UnsupportedImage,
-    interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, CheckpointError
 from vlray.ops.memory import empty_huge
@@ -311,18 +309,12 @@ class Qwen2VLFamily(Family):
             max_pixels = size.get("longest_edge", size.get("max_pixels", DEFAULT_MAX_PIXELS))
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
         self.do_resize = bool(proc.get("do_resize", True))
-        self._interpolation = interpolation_from_resample(proc.get("resample"), 3)
         self.normalization = Normalization.from_processor(proc, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
 
     @property
     def factor(self) -> int:
         """Target sides are multiples of this (patch_size * merge_size, 28 for the presets)."""
         return self.patch_size * self.merge_size
-
-    @property
-    def interpolation(self) -> InterpolationMode:
-        """Bicubic unless the processor config says otherwise."""
-        return self._interpolation
 
     @property
     def embedding_dim(self) -> int:

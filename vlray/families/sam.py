@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     Capability,
@@ -28,7 +27,6 @@ from vlray.families.base import (
     MaskGenerator,
     Normalization,
     UnsupportedImage,
-    interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, load_model
 from vlray.ops.memory import empty_huge
@@ -462,6 +460,7 @@ class SamFamily(Family):
     """SAM: longest side -> ``size.longest_edge``, normalized, padded bottom/right to ``pad_size``."""
 
     name = "sam"
+    default_resample = 2  # bilinear
     model_types = ("sam",)
     capabilities = frozenset({Capability.MASKS})
     """Masks only: no embedding (``embedding_dim`` 0), no text tower."""
@@ -480,15 +479,9 @@ class SamFamily(Family):
         self.pad_size = (int(pad["height"]), int(pad["width"]))
         self.do_resize = bool(self.processor.get("do_resize", True))
         self.do_pad = bool(self.processor.get("do_pad", True))
-        self._interpolation = interpolation_from_resample(self.processor.get("resample"), 2)
         self.normalization = Normalization.from_processor(
             self.processor, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         )
-
-    @property
-    def interpolation(self) -> InterpolationMode:
-        """Bilinear unless the processor config says otherwise."""
-        return self._interpolation
 
     @property
     def embedding_dim(self) -> int:

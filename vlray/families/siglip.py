@@ -10,14 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     ImageEncoder,
     Normalization,
     TextEncoder,
     TwoTowerFamily,
-    interpolation_from_resample,
 )
 from vlray.families.checkpoint import (
     Checkpoint,
@@ -102,15 +100,9 @@ class SiglipFamily(TwoTowerFamily):
             raise ValueError(f"siglip: size must have height and width, got {size}")
         self.size = (int(size["height"]), int(size["width"]))
         self.do_resize = bool(self.processor.get("do_resize", True))
-        self._interpolation = interpolation_from_resample(self.processor.get("resample"), 3)
         self.normalization = Normalization.from_processor(
             self.processor, IMAGENET_STANDARD, IMAGENET_STANDARD
         )
-
-    @property
-    def interpolation(self) -> InterpolationMode:
-        """Bicubic unless the processor config says otherwise."""
-        return self._interpolation
 
     @property
     def embedding_dim(self) -> int:

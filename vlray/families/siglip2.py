@@ -16,14 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms.v2 import InterpolationMode
 
 from vlray.families.base import (
     ImageEncoder,
     Normalization,
     TextEncoder,
     TwoTowerFamily,
-    interpolation_from_resample,
 )
 from vlray.families.checkpoint import Checkpoint, load_vision_tower, vision_config
 from vlray.families.siglip import IMAGENET_STANDARD, SiglipTextEncoder
@@ -102,6 +100,7 @@ class Siglip2Family(TwoTowerFamily):
     """SigLIP2 NaFlex: aspect-preserving resize to at most ``max_num_patches`` patches."""
 
     name = "siglip2"
+    default_resample = 2  # bilinear
     model_types = ("siglip2", "siglip2_vision_model")
     packed_groups = True  # 48 contiguous bytes per patch row instead of 3 (bench/preprocess)
 
@@ -112,15 +111,9 @@ class Siglip2Family(TwoTowerFamily):
         self.patch_size = int(self.processor.get("patch_size", vision.patch_size))
         self.max_num_patches = int(self.processor.get("max_num_patches", vision.num_patches))
         self.do_resize = bool(self.processor.get("do_resize", True))
-        self._interpolation = interpolation_from_resample(self.processor.get("resample"), 2)
         self.normalization = Normalization.from_processor(
             self.processor, IMAGENET_STANDARD, IMAGENET_STANDARD
         )
-
-    @property
-    def interpolation(self) -> InterpolationMode:
-        """Bilinear unless the processor config says otherwise."""
-        return self._interpolation
 
     @property
     def embedding_dim(self) -> int:
