@@ -39,6 +39,14 @@ _ENV_KEYS = (
     "AWS_SESSION_TOKEN",
     "AWS_PROFILE",
 )
+
+
+def s3_environment() -> tuple[str, ...]:
+    """The AWS variables a client depends on (endpoint, region, credentials, profile), as a
+    cache key part: a client made under other values is not reused."""
+    return tuple(os.environ.get(k, "") for k in _ENV_KEYS)
+
+
 _SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|SLOW_DOWN|SlowDown|SERVICE_UNAVAILABLE|ServiceUnavailable|"
@@ -133,7 +141,7 @@ def s3_filesystem(
         probe: a fail-fast variant for reachability checks (3 attempts, short timeouts).
     """
     s3 = s3 or S3Config()
-    env = tuple(os.environ.get(k, "") for k in _ENV_KEYS)
+    env = s3_environment()
     region = _region(s3)
     if not region and bucket and not resolved_endpoint(s3) and not probe:
         region = _bucket_region(bucket)

@@ -34,6 +34,7 @@ from vlray.storage import (
     list_files,
     one_line,
     resolved_endpoint,
+    s3_environment,
     scrub,
 )
 
@@ -251,7 +252,7 @@ class S3LockStore:
 def _s3_client(s3: S3Config) -> Any:
     """A botocore S3 client with the job's endpoint, region, credentials, retries and timeouts
     (unset ones from the AWS SDK's default chain); one per settings (clients are thread-safe)."""
-    env = tuple(os.environ.get(k, "") for k in _CLIENT_ENV)
+    env = s3_environment()
     with _CLIENTS_LOCK:
         key = (s3, env)
         if key not in _CLIENTS:
@@ -259,16 +260,6 @@ def _s3_client(s3: S3Config) -> Any:
         return _CLIENTS[key]
 
 
-_CLIENT_ENV = (
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ENDPOINT_URL",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_PROFILE",
-)
 _CLIENTS: dict[tuple[S3Config, tuple[str, ...]], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
