@@ -82,6 +82,22 @@ def test_part_names_never_collide_for_different_ids():
     # the old name hashed "\n".join(ids): these two batches shared a file and one was lost
     assert part_name(["a\nb", "c"]) != part_name(["a", "b\nc"])
     assert part_name(["x", "y"]) == part_name(["x", "y"])  # a retried write rewrites its file
+    assert part_name(["a"], ["b"]) != part_name(["a", "b"], [])
+
+
+def test_batches_with_the_same_ids_from_other_rows_keep_both_parts(tmp_path):
+    # an input repeating a file's ids: the copy's rows are duplicate-id errors; with names
+    # from the ids alone its errors part replaced the first file's (44 errors counted, 38 kept)
+    writer = WriteStage(locate(str(tmp_path)), 4, "float32")
+    first = _write_batch(["a", "b"], ["", "not an image"], ["", "decode"])
+    first["source"] = np.array(["one.parquet#row=0", "one.parquet#row=1"], dtype=object)
+    copy = _write_batch(["a", "b"], ["duplicate id"] * 2, ["read"] * 2)
+    copy["source"] = np.array(["two.parquet#row=0", "two.parquet#row=1"], dtype=object)
+    names = {writer(first)["file"][0], writer(copy)["file"][0]}
+    assert len(names) == 2
+    kept = [pq.read_table(p).column("source").to_pylist() for p in (tmp_path / "errors").iterdir()]
+    assert sorted(kept) == [["one.parquet#row=1"], ["two.parquet#row=0", "two.parquet#row=1"]]
+    assert writer(copy)["file"][0] in names  # a retried write still rewrites its own file
 
 
 class _Batches:

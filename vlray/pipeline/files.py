@@ -96,15 +96,20 @@ def output_rows(batch: dict[str, np.ndarray], dim: int) -> pa.Table:
     return table
 
 
-def part_name(ids: list[str]) -> str:
-    """``part-<digest>.parquet`` named by the batch's ids, each length-prefixed (UTF-8 bytes with
-    surrogates escaped), so two different id lists never share a name: a write task that Ray
-    retries rewrites the same file, never a twin, and no batch overwrites another's."""
+def part_name(ids: list[str], sources: list[str] | None = None) -> str:
+    """``part-<digest>.parquet`` named by the batch's ids and the rows' sources (``file#row=N``
+    or the image's URI), each length-prefixed (UTF-8 bytes with surrogates escaped), so two
+    different batches never share a name, not even two holding the same ids (an input that
+    repeats ids across files: the later rows are ``duplicate id`` errors, whose part must not
+    replace the first rows' errors), while a write task that Ray retries rewrites the same
+    file, never a twin."""
     digest = hashlib.blake2b(digest_size=16)
-    for row_id in ids:
-        data = row_id.encode("utf-8", "surrogatepass")
+    for value in [*ids, *(sources or ())]:
+        data = value.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
+    if sources is not None:  # ids and sources apart: (["a"], ["b"]) is not (["a", "b"], [])
+        digest.update(len(ids).to_bytes(8, "little"))
     return f"part-{digest.hexdigest()}.parquet"
 
 
@@ -241,7 +246,7 @@ class WriteStage:
         """Writes the batch's files, side parts first (thumbnails, masks, regions, tokens: a row
         is done once it is in embeddings/ or errors/, so they must be there before); returns
         how many thumbnails, masks and regions, and the part's name ("" when it wrote none)."""
-        name = part_name([str(i) for i in batch["id"]])
+        name = part_name([str(i) for i in batch["id"]], [str(s) for s in batch["source"]])
         n_ok, n_err = int(ok.sum()), int(failed.sum())
         written = {"thumbnails": 0, "masks": 0, "regions": 0}
         if "thumb" in batch:
