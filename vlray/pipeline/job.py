@@ -630,6 +630,21 @@ def _accounting_failure(
     return "", True
 
 
+def _account(
+    plan: Any, totals: dict[str, float], output: Location, done_folder: str, new_files: list[str]
+) -> tuple[str, bool, bool]:
+    """(why the run failed or "", whether the index may be updated, whether the committed
+    files hold what the writers reported): the writers' totals against the files this run
+    committed, read back."""
+    done_rows = int(totals.get("embedded" if done_folder == "embeddings" else "segmented", 0))
+    committed = (
+        committed_rows(output, done_folder, new_files),
+        committed_rows(output, "errors", new_files),
+    )
+    failure, index_ok = _accounting_failure(plan, totals, committed, done_rows)
+    return failure, index_ok, committed == (done_rows, int(totals.get("errors", 0)))
+
+
 def _previous_runs(config: JobConfig, output: Location, done_folder: str) -> tuple[Any, list[str]]:
     """What earlier runs left (under the lock): their partial files removed, the ids they
     finished, and (``--retry-errors``) the error parts to rewrite once their rows are redone."""
@@ -674,23 +689,14 @@ def _run_job(
         )
         job_seconds = time.time() - started
         with hold_stops():  # rewrites several errors/ files: not cut halfway
-            retried = (
-                _drop_retried_errors(output, old_error_files, new_files)
-                if config.retry_errors
-                else 0
-            )
-        embedded = int(totals.get("embedded", 0))
-        done_rows = embedded if checkpoint else int(totals.get("segmented", 0))
-        committed = (
-            committed_rows(output, done_folder, new_files),
-            committed_rows(output, "errors", new_files),
-        )
-        found, index_ok = _accounting_failure(plan, totals, committed, done_rows)
+            retried = _drop_retried_errors(output, old_error_files, new_files)
+        found, index_ok, files_match = _account(plan, totals, output, done_folder, new_files)
         index_ok = index_ok and not failure  # a failed pipeline run leaves the index alone
         failure = failure or found
-        index_manifest = region_manifest = None
+        manifests = (None, None)
         if config.index.enabled and checkpoint is not None and index_ok:
-            index_manifest, region_manifest = _build_indexes(
+            embedded = int(totals.get("embedded", 0))
+            manifests = _build_indexes(
                 config, checkpoint, family.name, output, dim, embedded, new_files
             )
         summary = _summary(
@@ -698,14 +704,8 @@ def _run_job(
             plan,
             totals,
             (checkpoint, sam_checkpoint, family),
-            (
-                output,
-                stages,
-                failure,
-                retried,
-                committed == (done_rows, int(totals.get("errors", 0))),
-            ),
-            (index_manifest, region_manifest),
+            (output, stages, failure, retried, files_match),
+            manifests,
             (time.time() - started, job_seconds),
         )
         write_bytes_atomic(
