@@ -278,39 +278,74 @@ class SamMaskGenerator(MaskGenerator):
             ``segmentation`` (COCO RLE), ``bbox`` [x, y, w, h], ``area``, ``predicted_iou``,
             ``stability_score``.
         """
-        points, labels, boxes, n = _prompt_tensors(points, labels, boxes)
+        prompts = _prompt_tensors(points, labels, boxes)
+        low, iou, stability = self._prompt_masks(
+            embeddings,
+            prompts,
+            (original_size, reshaped_input_size),
+            multimask_output,
+            (mask_threshold, stability_score_offset),
+            prompts_per_batch,
+        )
+        per_prompt = iou.numel() // prompts[3]  # K masks per prompt
+        return self._mask_records(
+            low,
+            iou,
+            stability,
+            (original_size, reshaped_input_size, mask_threshold),
+            prompt_index=[i // per_prompt for i in range(iou.numel())],
+        )
+
+    def _prompt_masks(
+        self,
+        embeddings: torch.Tensor,
+        prompts: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, int],
+        sizes: tuple[tuple[int, int], tuple[int, int]],
+        multimask_output: bool,
+        thresholds: tuple[float, float],
+        prompts_per_batch: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The low-resolution logits (N * K, 256, 256), predicted IoUs and stability scores (at
+        the original size, in chunks) of ``prompts`` (``_prompt_tensors``' points, labels,
+        boxes and count), ``prompts_per_batch`` prompts at a time."""
+        original_size, reshaped_input_size = sizes
+        mask_threshold, stability_score_offset = thresholds
+        chunk = self._chunk(original_size)
+        *tensors, n = prompts
         logits, ious, stabilities = [], [], []
         for start in range(0, n, prompts_per_batch):
-            end = start + prompts_per_batch
-            low, iou = self._decode(
-                embeddings,
-                None if points is None else points[start:end],
-                None if labels is None else labels[start:end],
-                None if boxes is None else boxes[start:end],
-                multimask_output,
-            )
+            batch = [None if p is None else p[start : start + prompts_per_batch] for p in tensors]
+            low, iou = self._decode(embeddings, *batch, multimask_output)
             low = low.flatten(0, 1)
-            for c in range(0, low.shape[0], self._chunk(original_size)):
-                up = self.upsample(
-                    low[c : c + self._chunk(original_size)], original_size, reshaped_input_size
-                )
+            for c in range(0, low.shape[0], chunk):
+                up = self.upsample(low[c : c + chunk], original_size, reshaped_input_size)
                 stabilities.append(stability_score(up, mask_threshold, stability_score_offset))
             logits.append(low)
             ious.append(iou.flatten())
-        per_prompt = ious[0].numel() // min(n, prompts_per_batch)
-        low = torch.cat(logits)
-        rles, bbox, area = self._records(low, original_size, reshaped_input_size, mask_threshold)
-        iou = torch.cat(ious).cpu().tolist()
-        stability = torch.cat(stabilities).cpu().tolist()
+        return torch.cat(logits), torch.cat(ious), torch.cat(stabilities)
+
+    def _mask_records(
+        self,
+        logits: torch.Tensor,
+        iou: torch.Tensor,
+        stability: torch.Tensor,
+        frame: tuple[tuple[int, int], tuple[int, int], float],
+        **extra: list[Any],
+    ) -> list[dict[str, Any]]:
+        """One record per mask: ``mask_id``, ``segmentation`` (COCO RLE), ``bbox`` [x, y, w, h],
+        ``area``, ``predicted_iou``, ``stability_score``, and the ``extra`` fields (one list
+        entry per mask)."""
+        rles, bbox, area = self._records(logits, *frame)
+        iou_values, stability_values = iou.cpu().tolist(), stability.cpu().tolist()
         return [
             {
                 "mask_id": i,
-                "prompt_index": i // per_prompt,
                 "segmentation": rles[i],
                 "bbox": bbox[i].tolist(),
                 "area": int(area[i]),
-                "predicted_iou": iou[i],
-                "stability_score": stability[i],
+                "predicted_iou": iou_values[i],
+                "stability_score": stability_values[i],
+                **{name: values[i] for name, values in extra.items()},
             }
             for i in range(len(rles))
         ]
@@ -395,10 +430,7 @@ class SamMaskGenerator(MaskGenerator):
         h, w = (int(v) for v in original_size)
         rh, rw = (int(v) for v in reshaped_input_size)
         grid = build_point_grid(points_per_side) * torch.tensor([w, h])  # original pixels
-        scaled = grid.clone()
-        scaled[:, 0] = scaled[:, 0] * (rw / w)
-        scaled[:, 1] = scaled[:, 1] * (rh / h)
-        scaled = scaled.to(self.device)
+        scaled = (grid * torch.tensor([rw / w, rh / h])).to(self.device)
         kept = self._grid_masks(
             embeddings,
             scaled,
@@ -410,28 +442,20 @@ class SamMaskGenerator(MaskGenerator):
         if kept is None:
             return []
         kept_logits, kept_iou, kept_stability, kept_boxes, kept_point = kept
-        boxes = torch.cat(kept_boxes)
         iou = torch.cat(kept_iou)
         order = batched_nms(
-            boxes.float(), iou, torch.zeros_like(iou, dtype=torch.int64), box_nms_thresh
+            torch.cat(kept_boxes).float(),
+            iou,
+            torch.zeros_like(iou, dtype=torch.int64),
+            box_nms_thresh,
         )
-        logits = torch.cat(kept_logits)[order]
-        rles, bbox, area = self._records(logits, (h, w), (rh, rw), mask_threshold)
-        iou = iou[order].cpu().tolist()
-        stability = torch.cat(kept_stability)[order].cpu().tolist()
-        point = grid[torch.cat(kept_point)[order].cpu()].tolist()
-        return [
-            {
-                "mask_id": i,
-                "segmentation": rles[i],
-                "bbox": bbox[i].tolist(),
-                "area": int(area[i]),
-                "predicted_iou": iou[i],
-                "stability_score": stability[i],
-                "point": point[i],
-            }
-            for i in range(len(rles))
-        ]
+        return self._mask_records(
+            torch.cat(kept_logits)[order],
+            iou[order],
+            torch.cat(kept_stability)[order],
+            ((h, w), (rh, rw), mask_threshold),
+            point=grid[torch.cat(kept_point)[order].cpu()].tolist(),
+        )
 
 
 def _prompt_tensors(

@@ -106,17 +106,21 @@ def probe_in_parallel(index: faiss.Index) -> None:
     query on one core). On 2 cores a single query at nprobe 1024 took 4.9 ms against 8.4 ms
     (median of 64, IVF4096_HNSW32,SQ8 over 500 k x 256); a batch of 512 costs the same in both
     modes. Not stored in the index file, so set when an index is loaded or tuned."""
+    ivf = _ivf(index)
+    if ivf is not None:
+        ivf.parallel_mode = 1
+
+
+def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF index inside ``index`` (through pre-transforms), or None."""
     try:
-        faiss.extract_index_ivf(index).parallel_mode = 1
-    except RuntimeError:  # not an IVF index: nothing to set
-        pass
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
 def _candidates(index: faiss.Index) -> list[dict[str, int]]:
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        ivf = None
+    ivf = _ivf(index)
     if ivf is not None:
         hnsw_coarse = isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW)
         grid = [n for n in NPROBE_GRID if n <= ivf.nlist] or [1]

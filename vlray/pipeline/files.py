@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -96,20 +97,19 @@ def output_rows(batch: dict[str, np.ndarray], dim: int) -> pa.Table:
     return table
 
 
-def part_name(ids: list[str], sources: list[str] | None = None) -> str:
+def part_name(ids: Sequence[str], sources: Sequence[str] = ()) -> str:
     """``part-<digest>.parquet`` named by the batch's ids and the rows' sources (``file#row=N``
-    or the image's URI), each length-prefixed (UTF-8 bytes with surrogates escaped), so two
-    different batches never share a name, not even two holding the same ids (an input that
-    repeats ids across files: the later rows are ``duplicate id`` errors, whose part must not
-    replace the first rows' errors), while a write task that Ray retries rewrites the same
-    file, never a twin."""
+    or the image's URI), each length-prefixed (UTF-8 bytes with surrogates escaped), then the
+    id count, so two different batches never share a name, not even two holding the same ids
+    (an input that repeats ids across files: the later rows are ``duplicate id`` errors, whose
+    part must not replace the first rows' errors), while a write task that Ray retries rewrites
+    the same file, never a twin."""
     digest = hashlib.blake2b(digest_size=16)
-    for value in [*ids, *(sources or ())]:
+    for value in [*ids, *sources]:
         data = value.encode("utf-8", "surrogatepass")
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
-    if sources is not None:  # ids and sources apart: (["a"], ["b"]) is not (["a", "b"], [])
-        digest.update(len(ids).to_bytes(8, "little"))
+    digest.update(len(ids).to_bytes(8, "little"))
     return f"part-{digest.hexdigest()}.parquet"
 
 

@@ -82,33 +82,25 @@ def build_dataset(
     """
     import ray.data
 
-    regions = config.regions.enabled and checkpoint is not None and sam_checkpoint is not None
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = True
+    ray.data.DataContext.get_current().enable_progress_bars = True
     ds = rows if rows is not None else _read(config, plan, stages, sam_checkpoint is not None)
-    decoding = {
-        "max_pixels": config.input.max_pixels,
-        "s3": config.s3,
-        "decode": config.input.decode,
-        "thumbnails": config.output.thumbnails,
-        "max_bytes": config.input.max_bytes,
-    }
     if stages.fused:  # plan_resources fuses only one embedding model without SAM
         ds = ds.map_batches(
             DecodeEncodeStage,
-            fn_constructor_kwargs={**_encode_args(config, checkpoint, stages), **decoding},
+            fn_constructor_kwargs={**_encode_args(config, checkpoint, stages), **_decoding(config)},
             batch_size=config.compute.encode_batch_size,
             batch_format="pyarrow",
             zero_copy_batch=True,
             **actor_stage(stages.decode_actors, stages.decode_cpus, stages.encode_gpus),
         )
         return _write(ds, config, output, stages, dim, None)
+    regions = config.regions.enabled and checkpoint is not None and sam_checkpoint is not None
     ds = ds.map_batches(
         DecodeStage,
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
             "sam_checkpoint": sam_checkpoint,
-            **decoding,
+            **_decoding(config),
             "frames": regions,
         },
         batch_size=config.compute.decode_batch_size,
@@ -124,6 +116,17 @@ def build_dataset(
         ds = _model_stage(ds, RegionStage, checkpoint, config.regions, config, stages)
     sam_batch = config.sam.batch_size if sam_checkpoint is not None else None
     return _write(ds, config, output, stages, dim, sam_batch)
+
+
+def _decoding(config: JobConfig) -> dict[str, Any]:
+    """The decode actors' input settings (fused or not)."""
+    return {
+        "max_pixels": config.input.max_pixels,
+        "s3": config.s3,
+        "decode": config.input.decode,
+        "thumbnails": config.output.thumbnails,
+        "max_bytes": config.input.max_bytes,
+    }
 
 
 def _model_stage(
