@@ -66,6 +66,21 @@ def test_choose_factory_at_scale(count, dim, budget_gb, expected):
     faiss.index_factory(dim, factory.replace("1048576", "1024").replace("262144", "1024"))
 
 
+@pytest.mark.parametrize("dim", [256, 768])
+def test_a_budget_too_small_keeps_a_useful_code_and_says_so(dim, caplog):
+    # 1 B vectors: 8 bytes of ids each already pass a 4 GiB budget, and 16 GiB leaves ~3 code
+    # bytes. Neither may shrink the code below 8 sub-quantizers (that loses most of the
+    # recall), and a bigger budget never gets a smaller code than a smaller one.
+    codes = []
+    for budget_gb in (4, 16, 64, 256):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="vlray.index.build"):
+            code = _parse(choose_factory(1_000_000_000, dim, budget_gb * GIB))["code"]
+        codes.append(int(code[2:].split("x")[0]))
+        assert (budget_gb <= 16) == any("raise the budget" in r.message for r in caplog.records)
+    assert codes[:2] == [8, 8] and codes == sorted(codes)
+
+
 def test_nlist_halved_until_39_points_fit():
     # 3M x 768 at 1 GiB: 0.5 GiB of float32 training rows = 174k -> 4096 lists (39 * 4096)
     cap = train_rows_cap(3_000_000, 768, GIB)

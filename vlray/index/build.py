@@ -54,6 +54,7 @@ TRAIN_BUDGET_SHARE = 0.5  # of memory_budget_bytes, for the float32 training sam
 INDEX_BUDGET_SHARE = 0.7  # of memory_budget_bytes, for the finished index (the rest: batches)
 # Fast-scan (4-bit, SIMD) PQ pays once lists are long enough that scanning dominates.
 FAST_SCAN_MIN_ROWS = 1_000_000
+PQ_MIN_SUBQUANTIZERS = 8  # fewer codes per vector than this lose most of the recall
 # Flat k-means costs n * nlist * d per iteration; two-level costs ~2 n sqrt(nlist) d.
 TWO_LEVEL_MIN_NLIST = 4096
 KMEANS_NITER = 10
@@ -123,12 +124,34 @@ def _encoding(count: int, dim: int, nlist: int, memory_budget_bytes: int) -> str
     if per_row >= dim:
         return "SQ8"
     fast = count >= FAST_SCAN_MIN_ROWS
-    subs_per_byte = 2 if fast else 1
-    # at least 2 dims per sub-quantizer; a soft budget beats a useless index
-    options = _divisors(dim, dim // 2) or [1]
-    fitting = [m for m in options if m <= per_row * subs_per_byte]
-    m = fitting[-1] if fitting else next((m for m in options if m >= min(8, dim // 2)), options[0])
+    m = _pq_subquantizers(count, dim, per_row, memory_budget_bytes, 2 if fast else 1)
     return f"PQ{m}x4fsr" if fast else f"PQ{m}"
+
+
+def _pq_subquantizers(
+    count: int, dim: int, row_bytes: float, memory_budget_bytes: int, per_byte: int
+) -> int:
+    """The most sub-quantizers (>= 2 dims each, ``per_byte`` to a code byte) within
+    ``row_bytes``; never fewer than ``PQ_MIN_SUBQUANTIZERS``: a soft budget beats a useless
+    index, so an index that cannot fit at that code size goes past the budget's index share,
+    with a warning."""
+    options = _divisors(dim, dim // 2) or [1]
+    floor = next((m for m in options if m >= min(PQ_MIN_SUBQUANTIZERS, dim // 2)), options[0])
+    fitting = [m for m in options if floor <= m <= row_bytes * per_byte]
+    if fitting:
+        return fitting[-1]
+    logger.warning(
+        "index.memory_budget_gb %.1f holds %d vectors of dim %d only below a useful code "
+        "size; building PQ%d past its %.0f%% index share (about %.1f GB of codes and ids): "
+        "raise the budget for better recall",
+        memory_budget_bytes / 2**30,
+        count,
+        dim,
+        floor,
+        100 * INDEX_BUDGET_SHARE,
+        count * (floor / per_byte + 8) / 1e9,
+    )
+    return floor
 
 
 def choose_factory(
