@@ -372,7 +372,9 @@ def finish_index(index: faiss.Index, factory: str) -> faiss.Index:
     if "x4fs" not in factory:
         return index
     outer = faiss.downcast_index(index)
-    fast = faiss.IndexIVFPQFastScan(faiss.downcast_index(faiss.extract_index_ivf(index)))
+    plain = faiss.downcast_index(faiss.extract_index_ivf(index))
+    fast = faiss.IndexIVFPQFastScan(plain)
+    plain.reset()  # its codes are copied into ``fast``: free them (the wrapper stays alive)
     _KEEP_ALIVE.append((index, fast))  # SWIG: the wrappers own the C++ objects
     if isinstance(outer, faiss.IndexPreTransform):
         outer.index = fast
@@ -582,13 +584,15 @@ def build_index(
     (out / MANIFEST_FILE).unlink(missing_ok=True)
 
     truth, train_rows = _train(batches, index, factory, count, dim, memory_budget_bytes, seed)
+    # Fast-scan lists take adds (only merge_from is unsafe): converting the empty index
+    # keeps one copy of the codes instead of two at the end of the build.
+    index = finish_index(index, factory)
     ids_tmp = _tmp_name(out / IDS_FILE)
     try:
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
             rows = add_batches(batches, index, writer, dim, truth=truth)
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
-        index = finish_index(index, factory)
         tuning = None
         if truth is not None:
             search_params, tuning = tune(index, truth, target_recall)
