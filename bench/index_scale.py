@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -66,6 +67,10 @@ def _exact_top10(centers: np.ndarray, rows: int, queries: np.ndarray) -> np.ndar
     return best_i
 
 
+def _file_gb(path: Path) -> float:
+    return path.stat().st_size / 1e9 if path.exists() else 0.0
+
+
 def _measure(folder: str, queries: np.ndarray, exact: np.ndarray) -> dict:
     """recall@10 and single-query latency of the index in ``folder``."""
     index = SearchIndex.load(folder)
@@ -78,6 +83,7 @@ def _measure(folder: str, queries: np.ndarray, exact: np.ndarray) -> dict:
         hits += len({int(i) for i, _ in found} & set(truth.tolist()))
     return {
         "index_gb": round((Path(folder) / "index.faiss").stat().st_size / 1e9, 3),
+        "vectors_gb_on_disk": round(_file_gb(Path(folder) / "vectors.f16"), 3),
         "recall_at_10": round(hits / (10 * len(queries)), 4),
         "latency_ms_p50": round(1000 * float(np.percentile(latencies, 50)), 2),
         "latency_ms_p99": round(1000 * float(np.percentile(latencies, 99)), 2),
@@ -118,7 +124,9 @@ def _sharded(centers: np.ndarray, rows: int, dim: int, budget: int, shards: int,
     return manifest, seconds
 
 
-def run(rows: int, dim: int, budget_gb: float, queries_n: int, shards: int = 0) -> dict:
+def run(
+    rows: int, dim: int, budget_gb: float, queries_n: int, shards: int = 0, factory: str = ""
+) -> dict:
     centers = _centers(dim)
     budget = int(budget_gb * (1 << 30))
 
@@ -130,7 +138,9 @@ def run(rows: int, dim: int, budget_gb: float, queries_n: int, shards: int = 0) 
     exact = _exact_top10(centers, rows, queries)
     with tempfile.TemporaryDirectory(prefix="vlray-index-scale-") as tmp:
         t0 = time.perf_counter()
-        manifest = build_index(batches, tmp, dim=dim, count=rows, memory_budget_bytes=budget)
+        manifest = build_index(
+            batches, tmp, dim=dim, count=rows, factory=factory or None, memory_budget_bytes=budget
+        )
         build_s = time.perf_counter() - t0
         rss_build_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
         measured = _measure(tmp, queries, exact)
@@ -142,6 +152,7 @@ def run(rows: int, dim: int, budget_gb: float, queries_n: int, shards: int = 0) 
         "search_params": manifest["search_params"],
         "tuning": manifest["tuning"],
         "train_rows": manifest["train_rows"],
+        "refine": manifest.get("refine"),
         "build_s": round(build_s, 1),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20), 2),
         "peak_rss_build_gb": round(rss_build_gb, 2),
@@ -169,8 +180,11 @@ def main() -> None:
     parser.add_argument("--budget-gb", type=float, default=4.0)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--shards", type=int, default=0, help="also build on Ray in N shards")
+    parser.add_argument("--factory", default="", help="FAISS factory (default: choose_factory)")
     args = parser.parse_args()
-    print(json.dumps(run(args.rows, args.dim, args.budget_gb, args.queries, args.shards)))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    result = run(args.rows, args.dim, args.budget_gb, args.queries, args.shards, args.factory)
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

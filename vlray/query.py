@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -19,7 +20,14 @@ from vlray.families.fingerprint import fingerprint_difference, weights_fingerpri
 from vlray.index import SearchIndex
 from vlray.metadata import HitMetadata
 from vlray.ops.decode import DecodeError, decode_image
-from vlray.storage import list_files, locate, read_bytes, resolved_endpoint, scrub
+from vlray.storage import (
+    download_file,
+    list_files,
+    locate,
+    read_bytes,
+    resolved_endpoint,
+    scrub,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +60,13 @@ def _local_index_dir(uri: str, s3: S3Config | None, files: tuple[str, ...] = ())
     # every file in the cache is the one the manifest belongs to
     if (cache / "manifest.json").exists() and (cache / "manifest.json").read_bytes() == manifest:
         return str(cache)
-    for name in (*files, *INDEX_FILES):  # manifest.json last
-        (cache / f".{name}").write_bytes(
-            read_bytes(location.join(name)) if name != "manifest.json" else manifest
-        )
-        (cache / f".{name}").replace(cache / name)
+    (cache / "manifest.json").unlink(missing_ok=True)  # the old files are going
+    refine = json.loads(manifest).get("refine") or {}
+    vectors = (refine["file"],) if refine.get("file") else ()
+    for name in (*files, *INDEX_FILES[:-1], *vectors):  # streamed: vectors may be many GB
+        download_file(location.join(name), str(cache / name))
+    (cache / ".manifest.json").write_bytes(manifest)  # last
+    (cache / ".manifest.json").replace(cache / "manifest.json")
     return str(cache)
 
 

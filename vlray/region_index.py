@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from vlray.index import add_to_index, build_index, choose_factory
 from vlray.index.build import Batches
+from vlray.index.refine import VECTORS_FILE
 from vlray.index.update import (
     committed_files,
     count_rows,
@@ -42,7 +43,13 @@ REGIONS_DIR = "regions"
 META_FILE = "regions.parquet"
 META_COLUMNS = ("id", "mask_id", "bbox", "area")
 """``regions.parquet``'s columns: the region at each FAISS position."""
-INDEX_FILES = ("index.faiss", "ids.parquet", META_FILE, "manifest.json")  # manifest last
+INDEX_FILES = (
+    "index.faiss",
+    "ids.parquet",
+    VECTORS_FILE,
+    META_FILE,
+    "manifest.json",
+)  # manifest last
 
 logger = logging.getLogger(__name__)
 

@@ -13,6 +13,7 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import socket
 import stat
 import threading
@@ -28,6 +29,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vlray.config import S3Config
+
+COPY_CHUNK = 8 << 20
+"""Bytes per read/write when streaming a file between stores."""
 
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL_S3",
@@ -362,6 +366,36 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
         location.fs.create_dir(posixpath.dirname(location.path), recursive=True)
         with location.fs.open_output_stream(location.path) as out:
             out.write(data)
+
+
+def download_file(location: Location, path: str) -> None:
+    """Streams a file (of any size: never whole in memory) to local ``path``, replaced
+    atomically."""
+    tmp = f"{path}.part-{uuid.uuid4().hex}"
+    try:
+        with location.fs.open_input_stream(location.path) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, COPY_CHUNK)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def upload_file(path: str, location: Location) -> None:
+    """Streams local ``path`` to ``location`` (S3: one multipart upload, visible whole when
+    complete; local: a temp file renamed)."""
+    if location.is_local:
+        parent = posixpath.dirname(location.path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(location.path)}")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, location.path)
+        return
+    try:
+        with open(path, "rb") as src, location.fs.open_output_stream(location.path) as dst:
+            shutil.copyfileobj(src, dst, COPY_CHUNK)
+    except OSError as exc:
+        raise OSError(f"cannot write {location.uri}: {scrub(' '.join(str(exc).split()))}") from None
 
 
 def write_parquet_atomic(location: Location, table: pa.Table) -> None:

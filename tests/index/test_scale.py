@@ -147,7 +147,9 @@ def test_latency_cap_stops_the_grid_before_the_target(tmp_path, monkeypatch):
     monkeypatch.setattr(
         tune_mod,
         "query_ms",
-        lambda index, truth: 100.0 if faiss.extract_index_ivf(index).nprobe > 4 else 1.0,
+        lambda index, truth, search=None: (
+            100.0 if faiss.extract_index_ivf(index).nprobe > 4 else 1.0
+        ),
     )
     manifest = build_index(
         _batches(data), tmp_path, dim=32, count=len(data), factory="IVF128,Flat", target_recall=0.99

@@ -4,7 +4,9 @@ Pure numpy in, files out: no Ray, no torch. The output directory holds
 
 - ``index.faiss``   the index, loadable by plain ``faiss.read_index``;
 - ``ids.parquet``   one column ``id: string``; row i is FAISS position i;
-- ``manifest.json`` written last, so its presence means the other two are complete.
+- ``vectors.f16``   for lossy (PQ) codes only: every vector as float16, re-read to re-rank
+  the candidates exactly (:mod:`vlray.index.refine`);
+- ``manifest.json`` written last, so its presence means the others are complete.
 
 Every file is written to a temporary name in the same directory and moved into place with
 ``os.replace``, so a reader never sees a half-written file.
@@ -27,6 +29,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlray.index.refine import (
+    VECTORS_FILE,
+    VectorStore,
+    VectorWriter,
+    refine_fields,
+    refined_search,
+    wants_refine,
+)
 from vlray.index.tune import TARGET_RECALL, TUNE_QUERIES, ExactTopK, tune
 
 logger = logging.getLogger(__name__)
@@ -340,7 +350,8 @@ def new_index(factory: str, dim: int, seed: int) -> tuple[faiss.Index, dict[str,
 
 def train_index(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
     """Trains ``index`` on ``sample`` (float32 (n, dim)); many lists use two-level k-means
-    (sqrt(nlist) clusters, then each split), ~sqrt(nlist)/2 times cheaper than flat k-means."""
+    (sqrt(nlist) clusters, then each split), ~sqrt(nlist)/2 times cheaper than flat k-means.
+    A pre-transform that keeps the dimension (OPQ) is applied to ``sample`` in place."""
     nlist = _nlist(index)
     if nlist is None or nlist < TWO_LEVEL_MIN_NLIST:
         index.train(sample)
@@ -353,7 +364,7 @@ def train_index(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
         for i in range(outer.chain.size()):
             transform = outer.chain.at(i)
             transform.train(x)
-            x = transform.apply(x)
+            x = _apply(transform, x)
     ivf = faiss.extract_index_ivf(index)
     centroids, _ = two_level_clustering(
         x,
@@ -365,6 +376,16 @@ def train_index(index: faiss.Index, sample: np.ndarray, seed: int) -> None:
     ivf.quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     ivf.train(x)  # the quantizer is full: this trains the list encoding only
     index.is_trained = True
+
+
+def _apply(transform: faiss.VectorTransform, x: np.ndarray) -> np.ndarray:
+    """``transform.apply(x)``, in place in chunks when the dimension is kept (OPQ's rotation):
+    a second copy of a budget-sized training sample would double the build's peak."""
+    if transform.d_out != transform.d_in or not x.flags.writeable:
+        return transform.apply(x)
+    for start in range(0, len(x), 1 << 16):
+        x[start : start + (1 << 16)] = transform.apply(x[start : start + (1 << 16)])
+    return x
 
 
 def finish_index(index: faiss.Index, factory: str) -> faiss.Index:
@@ -397,9 +418,11 @@ def _sample_and_queries(
     budget: int,
     seed: int,
     truth: ExactTopK | None,
+    vectors: VectorWriter | None = None,
 ) -> np.ndarray | None:
-    """One pass: the training sample (None for untrained indexes) and the query vectors."""
-    take = truth.take if truth is not None else None
+    """One pass: the training sample (None for untrained indexes) and the query vectors;
+    ``vectors`` (when given) gets every row on the way."""
+    take = _each_batch(truth, vectors)
     if index.is_trained:
         if take is not None:
             _reservoir_sample(batches, 0, dim, seed, take)
@@ -417,6 +440,20 @@ def _sample_and_queries(
             "use fewer IVF lists or a Flat/HNSW factory"
         )
     return sample
+
+
+def _each_batch(
+    truth: ExactTopK | None, vectors: VectorWriter | None
+) -> Callable[[np.ndarray, int], None] | None:
+    sinks = [f.take if isinstance(f, ExactTopK) else f.write for f in (truth, vectors) if f]
+    if not sinks:
+        return None
+
+    def each(batch: np.ndarray, offset: int) -> None:
+        for sink in sinks:
+            sink(batch, offset)
+
+    return each
 
 
 def _id_array(ids: list[str]) -> pa.Array:
@@ -461,16 +498,54 @@ def add_batches(
     return rows
 
 
-def write_files(out: Path, index: faiss.Index, ids_tmp: Path) -> None:
-    """Moves the index and the written ids into place (the manifest comes after)."""
+def write_files(
+    out: Path, index: faiss.Index, ids_tmp: Path, vectors: VectorWriter | None = None
+) -> None:
+    """Moves the index, the written ids and vectors into place (the manifest comes after);
+    without ``vectors``, an earlier build's vector file goes."""
     index_path = out / INDEX_FILE
     index_tmp = _tmp_name(index_path)
     try:
         faiss.write_index(index, str(index_tmp))
         _fsync_replace(index_tmp, index_path)
         _fsync_replace(ids_tmp, out / IDS_FILE)
+        if vectors is not None:
+            vectors.close()
+            _fsync_replace(vectors.path, out / VECTORS_FILE)
+        else:
+            (out / VECTORS_FILE).unlink(missing_ok=True)
     finally:
         index_tmp.unlink(missing_ok=True)
+
+
+def _discard(vectors: VectorWriter | None) -> None:
+    """Closes and removes an unfinished vector file (a no-op once moved into place)."""
+    if vectors is not None:
+        vectors.close()
+        vectors.path.unlink(missing_ok=True)
+
+
+def open_vectors(out: Path, factory: str, dim: int, count: int) -> VectorWriter | None:
+    """A writer of the vector file (temporary name in ``out``) when ``factory`` re-ranks."""
+    if count == 0 or not wants_refine(factory):
+        return None
+    return VectorWriter(_tmp_name(out / VECTORS_FILE), dim)
+
+
+def tune_refined(
+    index: faiss.Index, truth: ExactTopK, target: float, vectors: VectorWriter | None
+) -> tuple[dict, dict]:
+    """:func:`tune` through the exact re-rank when ``vectors`` were kept (closed here)."""
+    search = None
+    if vectors is not None:
+        vectors.close()
+        store = VectorStore(vectors.path, int(index.d), int(index.ntotal))
+        k_factor = int(refine_fields()["k_factor"])
+
+        def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            return refined_search(index, store, queries, k, k_factor)
+
+    return tune(index, truth, target, search=search)
 
 
 def manifest_fields(
@@ -481,9 +556,12 @@ def manifest_fields(
     train_rows: int,
     seed: int,
     start: float,
+    vectors: VectorWriter | None = None,
 ) -> dict:
-    """The index's own manifest fields (callers add model fields)."""
+    """The index's own manifest fields (callers add model fields); ``refine`` when the
+    vectors were kept for re-ranking."""
     return {
+        **({"refine": refine_fields()} if vectors is not None else {}),
         "dim": int(index.d),
         "metric": METRIC,
         "count": int(index.ntotal),
@@ -509,13 +587,15 @@ def _train(
     dim: int,
     memory_budget_bytes: int,
     seed: int,
+    vectors: VectorWriter | None = None,
 ) -> tuple[ExactTopK | None, int]:
-    """First pass of a build: the tuning queries drawn (None for Flat) and ``index`` trained
-    on a reservoir sample when its type needs training; returns (queries, training rows)."""
+    """First pass of a build: the tuning queries drawn (None for Flat), ``vectors`` written
+    and ``index`` trained on a reservoir sample when its type needs training; returns
+    (queries, training rows)."""
     tunable = factory.upper() != "FLAT" and count > 0
     truth = ExactTopK(query_positions(count, seed), dim) if tunable else None
     sample = _sample_and_queries(
-        batches, index, factory, count, dim, memory_budget_bytes, seed, truth
+        batches, index, factory, count, dim, memory_budget_bytes, seed, truth, vectors
     )
     if sample is None:
         return truth, 0
@@ -583,34 +663,50 @@ def build_index(
     # A manifest next to half-replaced files would describe the wrong index: drop it first.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
 
-    truth, train_rows = _train(batches, index, factory, count, dim, memory_budget_bytes, seed)
-    # Fast-scan lists take adds (only merge_from is unsafe): converting the empty index
-    # keeps one copy of the codes instead of two at the end of the build.
-    index = finish_index(index, factory)
     ids_tmp = _tmp_name(out / IDS_FILE)
+    vectors = open_vectors(out, factory, dim, count)
     try:
+        truth, train_rows = _train(
+            batches, index, factory, count, dim, memory_budget_bytes, seed, vectors
+        )
+        # Fast-scan lists take adds (only merge_from is unsafe): converting the empty index
+        # keeps one copy of the codes instead of two at the end of the build.
+        index = finish_index(index, factory)
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
             rows = add_batches(batches, index, writer, dim, truth=truth)
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
         tuning = None
         if truth is not None:
-            search_params, tuning = tune(index, truth, target_recall)
-        write_files(out, index, ids_tmp)
+            search_params, tuning = tune_refined(index, truth, target_recall, vectors)
+        write_files(out, index, ids_tmp, vectors)
     finally:
         ids_tmp.unlink(missing_ok=True)
+        _discard(vectors)
     if before_manifest is not None:
         before_manifest(out)
 
     result = {
         **caller_fields,
-        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start),
+        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, vectors),
     }
     _write_manifest(out, result)
     logger.info(
         "built %s index of %d x %d in %.1fs", factory, result["count"], dim, result["build_seconds"]
     )
     return result
+
+
+def _appending(out: Path, manifest: dict) -> VectorWriter | None:
+    """A writer appending to the index's vector file in place (after its ``count`` rows: a
+    failed earlier add's extra rows are cut), when the index keeps one."""
+    refine = manifest.get("refine")
+    if not refine:
+        return None
+    path = out / refine["file"]
+    count = int(manifest["count"])
+    VectorStore(path, int(manifest["dim"]), count).close()  # it holds every indexed row
+    return VectorWriter(path, int(manifest["dim"]), start_rows=count)
 
 
 def _kind(factory: str) -> str:
@@ -681,21 +777,26 @@ def add_to_index(
     index = faiss.read_index(str(out / old.get("index_file", INDEX_FILE)))
     index_path, ids_path = out / INDEX_FILE, out / IDS_FILE
     ids_tmp, index_tmp = _tmp_name(ids_path), _tmp_name(index_path)
+    vectors = _appending(out, old)
     try:
         rows = 0
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
             previous = pq.ParquetFile(out / old.get("ids_file", IDS_FILE))
             for batch in previous.iter_batches(batch_size=1 << 16):
                 writer.write_table(pa.Table.from_batches([batch]).cast(IDS_SCHEMA))
-            for ids, vectors in batches():
-                ids, vectors = _check_batch(ids, vectors, dim)
+            for ids, batch in batches():
+                ids, batch = _check_batch(ids, batch, dim)
                 if not ids:
                     continue
                 writer.write_table(pa.table({"id": pa.array(ids, pa.string())}, schema=IDS_SCHEMA))
-                index.add(vectors)
+                if vectors is not None:
+                    vectors.write(batch, vectors.rows)
+                index.add(batch)
                 rows += len(ids)
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
+        if vectors is not None:
+            vectors.close()  # rows past the manifest's count are never read
         faiss.write_index(index, str(index_tmp))
         (out / MANIFEST_FILE).unlink(missing_ok=True)
         _fsync_replace(index_tmp, index_path)
@@ -703,6 +804,8 @@ def add_to_index(
     finally:
         ids_tmp.unlink(missing_ok=True)
         index_tmp.unlink(missing_ok=True)
+        if vectors is not None:
+            vectors.close()
     if before_manifest is not None:
         before_manifest(out)
     result = {

@@ -30,6 +30,7 @@ from vlray.index.build import (
     IDS_SCHEMA,
     MANIFEST_FILE,
     Batches,
+    _discard,
     _nlist,
     _sample_and_queries,
     _tmp_name,
@@ -39,11 +40,14 @@ from vlray.index.build import (
     finish_index,
     manifest_fields,
     new_index,
+    open_vectors,
     query_positions,
     train_index,
+    tune_refined,
     write_files,
 )
-from vlray.index.tune import TARGET_RECALL, ExactTopK, tune
+from vlray.index.refine import VectorWriter
+from vlray.index.tune import TARGET_RECALL, ExactTopK
 
 Shard = tuple[Batches, int]  # (batches callable, its row count)
 ShardResult = tuple[np.ndarray, bytes, np.ndarray, np.ndarray]
@@ -104,6 +108,26 @@ def _merge(index: faiss.Index, parts: list[ShardResult], truth: ExactTopK, ids_t
     index.ntotal = ivf.ntotal
 
 
+def _trained(
+    all_rows: Batches,
+    index: faiss.Index,
+    factory: str,
+    count: int,
+    dim: int,
+    budget: int,
+    seed: int,
+    truth: ExactTopK,
+    vectors: VectorWriter | None,
+) -> tuple[int, np.ndarray]:
+    """The driver's pass: queries and ``vectors`` taken, ``index`` trained on the sample;
+    returns (training rows, the trained index serialized for the tasks)."""
+    sample = _sample_and_queries(all_rows, index, factory, count, dim, budget, seed, truth, vectors)
+    train_rows = 0 if sample is None else int(sample.shape[0])
+    if sample is not None:
+        train_index(index, sample, seed)
+    return train_rows, faiss.serialize_index(index)
+
+
 def build_index_sharded(
     shards: list[Shard],
     index_dir: str | Path,
@@ -136,35 +160,31 @@ def build_index_sharded(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
     truth = ExactTopK(query_positions(count, seed), dim)
-    all_rows = _chain(shards)
-    sample = _sample_and_queries(
-        all_rows, index, factory, count, dim, memory_budget_bytes, seed, truth
-    )
-    train_rows = 0 if sample is None else int(sample.shape[0])
-    if sample is not None:
-        train_index(index, sample, seed)
-        del sample
-    trained = faiss.serialize_index(index)
-    offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]])
-    items = [
-        (trained, batches, int(o), dim, truth.queries, truth.positions)
-        for (batches, _), o in zip(shards, offsets, strict=True)
-    ]
-    parts = list((map_shards or ray_map)(add_shard, items))
     ids_tmp = _tmp_name(out / IDS_FILE)
+    vectors = open_vectors(out, factory, dim, count)  # written by the driver's sampling pass
     try:
+        train_rows, trained = _trained(
+            _chain(shards), index, factory, count, dim, memory_budget_bytes, seed, truth, vectors
+        )
+        offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]])
+        items = [
+            (trained, batches, int(o), dim, truth.queries, truth.positions)
+            for (batches, _), o in zip(shards, offsets, strict=True)
+        ]
+        parts = list((map_shards or ray_map)(add_shard, items))
         _merge(index, parts, truth, ids_tmp)
         del parts
         if index.ntotal != count:
             raise ValueError(f"shards added {index.ntotal} rows, expected {count}")
         index = finish_index(index, factory)
-        search_params, tuning = tune(index, truth, target_recall)
-        write_files(out, index, ids_tmp)
+        search_params, tuning = tune_refined(index, truth, target_recall, vectors)
+        write_files(out, index, ids_tmp, vectors)
     finally:
         ids_tmp.unlink(missing_ok=True)
+        _discard(vectors)
     result = {
         **dict(manifest or {}),
-        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start),
+        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, vectors),
         "shards": len(shards),
     }
     json.dumps(result)

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vlray.index.build import IDS_FILE, INDEX_FILE, MANIFEST_FILE
+from vlray.index.refine import VectorStore, refined_search
 from vlray.index.tune import probe_in_parallel
 
 logger = logging.getLogger(__name__)
@@ -65,8 +66,16 @@ class SearchIndex:
     (approximate for PQ-compressed indexes).
     """
 
-    def __init__(self, index: faiss.Index, ids: pa.Array, manifest: dict, load_seconds: float):
+    def __init__(
+        self,
+        index: faiss.Index,
+        ids: pa.Array,
+        manifest: dict,
+        load_seconds: float,
+        vectors: VectorStore | None = None,
+    ):
         self._index = index
+        self._vectors = vectors  # exact float16 rows of a lossy index, re-ranked on search
         self._ids = ids  # position -> id, Arrow large_string
         self._manifest = manifest
         self.load_seconds = load_seconds
@@ -109,11 +118,13 @@ class SearchIndex:
         for name, value in manifest.get("search_params", {}).items():
             params.set_index_parameter(index, name, value)
         probe_in_parallel(index)
+        refine = manifest.get("refine")
+        vectors = VectorStore(root / refine["file"], index.d, index.ntotal) if refine else None
         load_seconds = time.perf_counter() - start
         logger.info(
             "loaded %s index of %d rows in %.2fs", manifest.get("factory"), len(ids), load_seconds
         )
-        return cls(index, ids, manifest, load_seconds)
+        return cls(index, ids, manifest, load_seconds, vectors)
 
     @property
     def manifest(self) -> dict:
@@ -153,7 +164,12 @@ class SearchIndex:
         k = min(k, self.count)
         if k == 0 or queries.shape[0] == 0:
             return [[] for _ in range(queries.shape[0])]
-        scores, positions = self._index.search(np.ascontiguousarray(queries), k)
+        queries = np.ascontiguousarray(queries)
+        if self._vectors is not None:
+            k_factor = int(self._manifest["refine"]["k_factor"])
+            scores, positions = refined_search(self._index, self._vectors, queries, k, k_factor)
+        else:
+            scores, positions = self._index.search(queries, k)
         valid = positions >= 0  # FAISS pads with -1 when fewer than k are found
         found = self._ids.take(pa.array(positions[valid])).to_pylist()
         results: list[list[tuple[str, float]]] = []
@@ -178,11 +194,14 @@ class SearchIndex:
     def vector(self, id: str) -> np.ndarray | None:
         """The stored vector for ``id`` (float32 (dim,)), or None for an unknown id.
 
-        Exact for Flat and HNSW,Flat; the PQ-decoded approximation for compressed indexes.
+        Exact for Flat and HNSW,Flat and indexes that keep their vectors (PQ codes; float16
+        precision); the decoded approximation for other compressed indexes (SQ8).
         """
         pos = self.position(id)
         if pos is None:
             return None
+        if self._vectors is not None:
+            return self._vectors.rows(np.array([pos]))[0]
         if not self._reconstruct_ready:
             try:
                 # IVF lists are not addressable by position until a direct map exists.

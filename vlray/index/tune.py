@@ -8,10 +8,14 @@ is left out of both the exact and the approximate results, so a query is never i
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 TUNE_QUERIES = 256
 TUNE_K = 10
@@ -22,6 +26,9 @@ QUANTIZER_EF_MIN = 64
 MAX_QUERY_MS = 30.0
 """Median single-query latency (ms, k=10) a tuned setting may cost; a wider one is not tried."""
 LATENCY_QUERIES = 16
+
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""``index.search``-like: (queries, k) -> (scores, positions)."""
 
 
 class ExactTopK:
@@ -74,12 +81,12 @@ def _without(row: np.ndarray, self_pos: int, k: int) -> set[int]:
     return set([int(i) for i in row if i != self_pos and i >= 0][:k])
 
 
-def recall(index: faiss.Index, truth: ExactTopK) -> float:
+def recall(index: faiss.Index, truth: ExactTopK, search: Search | None = None) -> float:
     """Mean fraction of each query's k exact neighbours (itself left out) that ``index``
-    returns in its top k."""
+    (or ``search``, e.g. a re-ranking one over it) returns in its top k."""
     if not len(truth.positions):
         return 1.0
-    _, found = index.search(truth.queries, truth.k + 1)
+    _, found = (search or index.search)(truth.queries, truth.k + 1)
     hits = 0
     expected = 0
     for row, pos, exact in zip(found, truth.positions, truth.truth(), strict=True):
@@ -89,13 +96,16 @@ def recall(index: faiss.Index, truth: ExactTopK) -> float:
     return hits / expected if expected else 1.0
 
 
-def query_ms(index: faiss.Index, truth: ExactTopK, n: int = LATENCY_QUERIES) -> float:
+def query_ms(
+    index: faiss.Index, truth: ExactTopK, n: int = LATENCY_QUERIES, search: Search | None = None
+) -> float:
     """Median wall time (ms) of ``n`` single-query searches (k + 1 results) of ``truth``'s
     queries: the cost a served query pays with the index's current parameters."""
     times = []
+    search = search or index.search
     for query in truth.queries[:n]:
         start = time.perf_counter()
-        index.search(query.reshape(1, -1), truth.k + 1)
+        search(query.reshape(1, -1), truth.k + 1)
         times.append(time.perf_counter() - start)
     return 1000 * float(np.median(times)) if times else 0.0
 
@@ -141,6 +151,7 @@ def tune(
     truth: ExactTopK,
     target: float = TARGET_RECALL,
     max_query_ms: float = MAX_QUERY_MS,
+    search: Search | None = None,
 ) -> tuple[dict[str, int], dict[str, float | int]]:
     """The cheapest search parameters reaching ``target`` recall@k on ``truth``'s queries
     (else those within 0.005 of the best recall seen), applied to ``index``.
@@ -148,6 +159,9 @@ def tune(
     The grid widens until the target is reached or a setting's median single-query latency
     exceeds ``max_query_ms`` (that setting and wider ones are not kept; the narrowest one is
     always tried), so a large index gets the best recall it can serve in time.
+
+    ``search`` (default ``index.search``) is what a served query runs, e.g. the exact re-rank
+    of :func:`vlray.index.refine.refined_search`: recall and latency are measured through it.
 
     Returns:
         (search_params for the manifest, a tuning record: target, recall, queries, k, and
@@ -160,16 +174,21 @@ def tune(
     for candidate in _candidates(index):
         for name, value in candidate.items():
             params.set_index_parameter(index, name, value)
-        if seen and query_ms(index, truth) > max_query_ms:
+        ms = query_ms(index, truth, search=search)
+        if seen and ms > max_query_ms:
+            logger.info("tuning stops at %s: %.2f ms per query > %.0f", candidate, ms, max_query_ms)
             capped = True
             break
-        seen.append((candidate, recall(index, truth)))
+        seen.append((candidate, recall(index, truth, search)))
+        logger.info(
+            "tuning %s: recall@%d %.4f, %.2f ms per query", candidate, truth.k, seen[-1][1], ms
+        )
         if seen[-1][1] >= target:
             break
     if not seen:
         return {}, {
             "target_recall": target,
-            "recall": recall(index, truth),
+            "recall": recall(index, truth, search),
             "queries": len(truth.positions),
             "k": truth.k,
         }

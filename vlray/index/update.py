@@ -36,11 +36,14 @@ from vlray.index.build import (
     can_add,
     choose_factory,
 )
-from vlray.storage import Location, list_files, read_bytes, write_bytes_atomic
+from vlray.index.refine import VECTORS_FILE
+from vlray.storage import Location, download_file, list_files, read_bytes, upload_file
 
 logger = logging.getLogger(__name__)
 
-INDEX_FILES = (INDEX_FILE, IDS_FILE, MANIFEST_FILE)
+INDEX_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE, MANIFEST_FILE)
+OPTIONAL_FILES = (VECTORS_FILE,)
+"""Index files only some index types have (PQ codes keep their vectors)."""
 MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
 
@@ -133,10 +136,13 @@ def run_entry(rows_added: int, mode: str, factory: str | None) -> dict[str, Any]
 
 
 def stage_index(index_loc: Location, staging: str, names: tuple[str, ...] = INDEX_FILES) -> None:
-    """Copies an S3 index's files into the local folder ``staging`` (to add to them)."""
+    """Copies an S3 index's files into the local folder ``staging`` (to add to them),
+    streamed; an optional file its manifest does not name is skipped."""
+    manifest = json.loads(read_bytes(index_loc.join(MANIFEST_FILE)))
     for name in names:
-        with open(os.path.join(staging, name), "wb") as f:
-            f.write(read_bytes(index_loc.join(name)))
+        if name in OPTIONAL_FILES and not _names(manifest, name):
+            continue
+        download_file(index_loc.join(name), os.path.join(staging, name))
 
 
 def upload_index(index_loc: Location, staging: str, names: tuple[str, ...] = INDEX_FILES) -> None:
@@ -146,8 +152,15 @@ def upload_index(index_loc: Location, staging: str, names: tuple[str, ...] = IND
 
     with hold_stops():
         for name in names:
-            with open(os.path.join(staging, name), "rb") as f:
-                write_bytes_atomic(index_loc.join(name), f.read())
+            path = os.path.join(staging, name)
+            if name in OPTIONAL_FILES and not os.path.exists(path):
+                continue
+            upload_file(path, index_loc.join(name))
+
+
+def _names(manifest: dict[str, Any], name: str) -> bool:
+    """Whether ``manifest`` refers to the optional index file ``name``."""
+    return name == VECTORS_FILE and bool(manifest.get("refine"))
 
 
 def same_model(existing: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any] | None:
