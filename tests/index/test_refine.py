@@ -44,7 +44,9 @@ def _positions(index: SearchIndex, hits: list[list[tuple[str, float]]]) -> np.nd
         ("OPQ384,IVF16384_HNSW32,PQ384x4fsr", True),
         ("IVF100,PQ8", True),
         ("IVF64,PQ8x4fs", True),
-        ("IVF1024,SQ8", False),
+        ("IVF1024_HNSW32,SQ8", True),
+        ("IVF64,SQ4", True),
+        ("IVF64,SQfp16", False),
         ("IVF64,Flat", False),
         ("HNSW32,Flat", False),
         ("Flat", False),
@@ -107,11 +109,11 @@ def test_a_short_vector_file_is_refused(tmp_path):
         SearchIndex.load(tmp_path)
 
 
-def test_rebuilding_without_pq_removes_the_old_vectors(tmp_path):
+def test_rebuilding_without_a_lossy_code_removes_the_old_vectors(tmp_path):
     data = _clustered(3000, seed=1)
     build_index(_batches(data), tmp_path, dim=DIM, count=len(data), factory="IVF16,PQ8")
     assert (tmp_path / VECTORS_FILE).exists()
-    manifest = build_index(_batches(data), tmp_path, dim=DIM, count=len(data), factory="IVF16,SQ8")
+    manifest = build_index(_batches(data), tmp_path, dim=DIM, count=len(data), factory="IVF16,Flat")
     assert "refine" not in manifest and not (tmp_path / VECTORS_FILE).exists()
     assert len(SearchIndex.load(tmp_path).search(data[:3], 5)[0]) == 5
 
@@ -164,3 +166,18 @@ def test_the_writer_refuses_rows_out_of_order(tmp_path):
     with pytest.raises(ValueError, match="rows 5... after 3 rows"):
         writer.write(np.ones((2, 4), np.float32), 5)
     writer.close()
+
+
+def test_tuning_widens_the_candidates_when_probing_stops_paying(tmp_path):
+    # 2-byte codes of 64-d vectors: 320 candidates hold a quarter of the top 10, however many
+    # lists are probed; the tuner walks the grid again with more candidates per result
+    data = _clustered(20_000, seed=0, clusters=5, noise=1.0)
+    manifest = build_index(
+        _batches(data), tmp_path, dim=DIM, count=len(data), factory="IVF16,PQ4x4fs"
+    )
+    assert manifest["refine"]["k_factor"] == 256
+    assert "k_factor" not in manifest["search_params"]
+    assert manifest["tuning"]["recall"] >= 0.85
+    index = SearchIndex.load(tmp_path)
+    queries = _clustered(100, seed=9, clusters=5, noise=1.0)
+    assert _recall(_positions(index, index.search(queries, 10)), data, queries) >= 0.85

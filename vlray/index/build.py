@@ -4,7 +4,7 @@ Pure numpy in, files out: no Ray, no torch. The output directory holds
 
 - ``index.faiss``   the index, loadable by plain ``faiss.read_index``;
 - ``ids.parquet``   one column ``id: string``; row i is FAISS position i;
-- ``vectors.f16``   for lossy (PQ) codes only: every vector as float16, re-read to re-rank
+- ``vectors.f16``   for lossy (SQ8, PQ) codes only: every vector as float16, re-read to re-rank
   the candidates exactly (:mod:`vlray.index.refine`);
 - ``manifest.json`` written last, so its presence means the others are complete.
 
@@ -30,11 +30,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlray.index.refine import (
+    K_FACTOR,
     VECTORS_FILE,
     VectorStore,
     VectorWriter,
     refine_fields,
-    refined_search,
     wants_refine,
 )
 from vlray.index.tune import TARGET_RECALL, TUNE_QUERIES, ExactTopK, tune
@@ -534,18 +534,21 @@ def open_vectors(out: Path, factory: str, dim: int, count: int) -> VectorWriter 
 
 def tune_refined(
     index: faiss.Index, truth: ExactTopK, target: float, vectors: VectorWriter | None
-) -> tuple[dict, dict]:
-    """:func:`tune` through the exact re-rank when ``vectors`` were kept (closed here)."""
-    search = None
-    if vectors is not None:
-        vectors.close()
-        store = VectorStore(vectors.path, int(index.d), int(index.ntotal))
-        k_factor = int(refine_fields()["k_factor"])
+) -> tuple[dict, dict, dict | None]:
+    """:func:`tune` through the exact re-rank when ``vectors`` were kept (closed here).
 
-        def search(queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-            return refined_search(index, store, queries, k, k_factor)
-
-    return tune(index, truth, target, search=search)
+    Returns:
+        (search_params, tuning record, the manifest's ``refine`` entry or None).
+    """
+    if vectors is None:
+        return (*tune(index, truth, target), None)
+    vectors.close()
+    store = VectorStore(vectors.path, int(index.d), int(index.ntotal))
+    try:
+        search_params, tuning = tune(index, truth, target, vectors=store)
+    finally:
+        store.close()
+    return search_params, tuning, refine_fields(search_params.pop("k_factor", K_FACTOR))
 
 
 def manifest_fields(
@@ -556,12 +559,12 @@ def manifest_fields(
     train_rows: int,
     seed: int,
     start: float,
-    vectors: VectorWriter | None = None,
+    refine: dict | None = None,
 ) -> dict:
     """The index's own manifest fields (callers add model fields); ``refine`` when the
     vectors were kept for re-ranking."""
     return {
-        **({"refine": refine_fields()} if vectors is not None else {}),
+        **({"refine": refine} if refine else {}),
         "dim": int(index.d),
         "metric": METRIC,
         "count": int(index.ntotal),
@@ -676,9 +679,9 @@ def build_index(
             rows = add_batches(batches, index, writer, dim, truth=truth)
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
-        tuning = None
+        tuning = refine = None
         if truth is not None:
-            search_params, tuning = tune_refined(index, truth, target_recall, vectors)
+            search_params, tuning, refine = tune_refined(index, truth, target_recall, vectors)
         write_files(out, index, ids_tmp, vectors)
     finally:
         ids_tmp.unlink(missing_ok=True)
@@ -688,7 +691,7 @@ def build_index(
 
     result = {
         **caller_fields,
-        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, vectors),
+        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, refine),
     }
     _write_manifest(out, result)
     logger.info(

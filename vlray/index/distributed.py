@@ -177,14 +177,14 @@ def build_index_sharded(
         if index.ntotal != count:
             raise ValueError(f"shards added {index.ntotal} rows, expected {count}")
         index = finish_index(index, factory)
-        search_params, tuning = tune_refined(index, truth, target_recall, vectors)
+        search_params, tuning, refine = tune_refined(index, truth, target_recall, vectors)
         write_files(out, index, ids_tmp, vectors)
     finally:
         ids_tmp.unlink(missing_ok=True)
         _discard(vectors)
     result = {
         **dict(manifest or {}),
-        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, vectors),
+        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, refine),
         "shards": len(shards),
     }
     json.dumps(result)

@@ -1,9 +1,9 @@
 """Exact re-ranking from disk: the stored vectors beside a compressed index.
 
-A compressed code (4-bit PQ above all) ranks a query's true neighbours among its first few
+A compressed code (4-bit PQ above all, 8-bit SQ less so) ranks a query's true neighbours among its first few
 hundred candidates but not in its first ten: on 10 k clustered 768-d vectors PQ384x4fs finds
 35% of the exact top 10 in its own top 10, 86% in its top 100, 97% in its top 300. So an index
-with a lossy code keeps every vector as float16 in ``vectors.f16`` (row = FAISS position, no
+with a lossy code (PQ, SQ8 and coarser) keeps every vector as float16 in ``vectors.f16`` (row = FAISS position, no
 header; dim and count are in the manifest), asks FAISS for ``k * k_factor`` candidates and
 re-ranks them by their exact inner products.
 
@@ -22,17 +22,23 @@ import numpy as np
 
 VECTORS_FILE = "vectors.f16"
 K_FACTOR = 32
-"""Candidates fetched per result before the exact re-rank (10@320 was 0.97 for PQ384x4fs)."""
+"""Candidates fetched per result before the exact re-rank (10@320 was 0.97 for PQ384x4fs);
+the tuner widens it (``K_FACTORS``) when the recall stops growing with ``nprobe``."""
+K_FACTORS = (32, 64, 128, 256)
+_ADVISE = hasattr(os, "posix_fadvise")
 MIN_CANDIDATES = 256
 """Candidates fetched however small k is (k = 1 at k_factor 32 would re-rank only 32)."""
-REFINE_ENCODINGS = ("PQ",)
-"""List encodings whose codes lose too much to rank the top k by themselves."""
+REFINE_ENCODINGS = ("PQ", "SQ4", "SQ6", "SQ8")
+"""List encodings coarser than float16, whose codes misrank close neighbours: on 200 k
+clustered 768-d vectors (IVF1024, nprobe 4) SQ8 found 97.3% of the exact top 10 alone and
+100% re-ranked, PQ384x4fs 51.4% and 100%."""
 
 
 def wants_refine(factory: str) -> bool:
-    """Whether an index of ``factory`` keeps its vectors for re-ranking (PQ codes do)."""
+    """Whether an index of ``factory`` keeps its vectors for re-ranking (PQ and SQ codes
+    coarser than float16 do; Flat and SQfp16 lists are exact enough)."""
     last = factory.split(",")[-1].upper()
-    return any(last.startswith(e) for e in REFINE_ENCODINGS)
+    return last.startswith(REFINE_ENCODINGS)
 
 
 def refine_fields(k_factor: int = K_FACTOR) -> dict:
@@ -89,7 +95,14 @@ class VectorStore:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """float32 (len(positions), dim) rows at ``positions`` (each in [0, count))."""
         size = self._row_bytes
-        data = b"".join(os.pread(self._fd, size, p * size) for p in positions.tolist())
+        offsets = [p * size for p in positions.tolist()]
+        if len(offsets) > 1 and _ADVISE:
+            # every read queued first, then collected: 352 uncached rows of a 3 GB file in
+            # 2.9 ms instead of 21.9 ms one pread after another (median of 20, page cache
+            # dropped before each)
+            for offset in offsets:
+                os.posix_fadvise(self._fd, offset, size, os.POSIX_FADV_WILLNEED)
+        data = b"".join(os.pread(self._fd, size, offset) for offset in offsets)
         return np.frombuffer(data, dtype=np.float16).reshape(-1, self.dim).astype(np.float32)
 
     def close(self) -> None:

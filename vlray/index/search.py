@@ -194,8 +194,8 @@ class SearchIndex:
     def vector(self, id: str) -> np.ndarray | None:
         """The stored vector for ``id`` (float32 (dim,)), or None for an unknown id.
 
-        Exact for Flat and HNSW,Flat and indexes that keep their vectors (PQ codes; float16
-        precision); the decoded approximation for other compressed indexes (SQ8).
+        Exact for Flat and HNSW,Flat and indexes that keep their vectors (SQ8, PQ; float16
+        precision); the decoded approximation for other compressed indexes (SQfp16).
         """
         pos = self.position(id)
         if pos is None:

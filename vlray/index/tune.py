@@ -15,6 +15,8 @@ from collections.abc import Callable
 import faiss
 import numpy as np
 
+from vlray.index.refine import K_FACTORS, VectorStore, refined_search
+
 logger = logging.getLogger(__name__)
 
 TUNE_QUERIES = 256
@@ -26,6 +28,8 @@ QUANTIZER_EF_MIN = 64
 MAX_QUERY_MS = 30.0
 """Median single-query latency (ms, k=10) a tuned setting may cost; a wider one is not tried."""
 LATENCY_QUERIES = 16
+PLATEAU = 0.002
+"""A recall gain below this from one setting to the next: wider probing has stopped paying."""
 
 Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 """``index.search``-like: (queries, k) -> (scores, positions)."""
@@ -146,12 +150,56 @@ def _candidates(index: faiss.Index) -> list[dict[str, int]]:
     return []
 
 
+def _searches(index: faiss.Index, vectors: VectorStore | None) -> list[tuple[dict, Search]]:
+    """The grids to walk: ``index.search`` alone, or the exact re-rank at each ``k_factor``."""
+    if vectors is None:
+        return [({}, index.search)]
+
+    def at(k_factor: int) -> Search:
+        return lambda queries, k: refined_search(index, vectors, queries, k, k_factor)
+
+    return [({"k_factor": f}, at(f)) for f in K_FACTORS]
+
+
+def _walk(
+    index: faiss.Index,
+    truth: ExactTopK,
+    target: float,
+    max_query_ms: float,
+    grid: tuple[dict, Search],
+    seen: list[tuple[dict[str, int], float]],
+) -> tuple[bool, bool]:
+    """Widens ``nprobe``/``efSearch`` at one ``grid`` (extra parameters, search), appending
+    to ``seen``; stops at the target, the latency cap (the narrowest setting is always
+    tried) or, for a re-ranked search, where recall stops growing (then only more candidates
+    help). Returns (target reached, latency capped)."""
+    extra, search = grid
+    params = faiss.ParameterSpace()
+    mine: list[float] = []
+    for candidate in _candidates(index):
+        for name, value in candidate.items():
+            params.set_index_parameter(index, name, value)
+        setting = {**candidate, **extra}
+        ms = query_ms(index, truth, search=search)
+        if mine and ms > max_query_ms:
+            logger.info("tuning stops at %s: %.2f ms per query > %.0f", setting, ms, max_query_ms)
+            return False, True
+        mine.append(recall(index, truth, search))
+        seen.append((setting, mine[-1]))
+        logger.info("tuning %s: recall@%d %.4f, %.2f ms per query", setting, truth.k, mine[-1], ms)
+        if mine[-1] >= target:
+            return True, False
+        if extra and len(mine) > 1 and mine[-1] - mine[-2] < PLATEAU:
+            return False, False
+    return False, False
+
+
 def tune(
     index: faiss.Index,
     truth: ExactTopK,
     target: float = TARGET_RECALL,
     max_query_ms: float = MAX_QUERY_MS,
-    search: Search | None = None,
+    vectors: VectorStore | None = None,
 ) -> tuple[dict[str, int], dict[str, float | int]]:
     """The cheapest search parameters reaching ``target`` recall@k on ``truth``'s queries
     (else those within 0.005 of the best recall seen), applied to ``index``.
@@ -160,42 +208,38 @@ def tune(
     exceeds ``max_query_ms`` (that setting and wider ones are not kept; the narrowest one is
     always tried), so a large index gets the best recall it can serve in time.
 
-    ``search`` (default ``index.search``) is what a served query runs, e.g. the exact re-rank
-    of :func:`vlray.index.refine.refined_search`: recall and latency are measured through it.
+    With ``vectors`` (the index's stored rows) recall and latency are measured through the
+    exact re-rank of :func:`vlray.index.refine.refined_search`, and the grid is walked again
+    at each wider ``k_factor`` (in the returned parameters) until the target is reached or
+    more candidates stop helping.
 
     Returns:
         (search_params for the manifest, a tuning record: target, recall, queries, k, and
         ``latency_capped`` when the cap stopped the grid before the target).
     """
     probe_in_parallel(index)
-    params = faiss.ParameterSpace()
     seen: list[tuple[dict[str, int], float]] = []
     capped = False
-    for candidate in _candidates(index):
-        for name, value in candidate.items():
-            params.set_index_parameter(index, name, value)
-        ms = query_ms(index, truth, search=search)
-        if seen and ms > max_query_ms:
-            logger.info("tuning stops at %s: %.2f ms per query > %.0f", candidate, ms, max_query_ms)
-            capped = True
+    best = -1.0
+    for grid in _searches(index, vectors):
+        reached, stopped = _walk(index, truth, target, max_query_ms, grid, seen)
+        capped |= stopped
+        if reached or not seen or max(r for _, r in seen) < best + PLATEAU:
             break
-        seen.append((candidate, recall(index, truth, search)))
-        logger.info(
-            "tuning %s: recall@%d %.4f, %.2f ms per query", candidate, truth.k, seen[-1][1], ms
-        )
-        if seen[-1][1] >= target:
-            break
+        best = max(r for _, r in seen)
     if not seen:
         return {}, {
             "target_recall": target,
-            "recall": recall(index, truth, search),
+            "recall": recall(index, truth, _searches(index, vectors)[0][1]),
             "queries": len(truth.positions),
             "k": truth.k,
         }
     best = max(r for _, r in seen)
     chosen, got = next((c, r) for c, r in seen if r >= min(target, best - 0.005))
+    params = faiss.ParameterSpace()
     for name, value in chosen.items():
-        params.set_index_parameter(index, name, value)
+        if name != "k_factor":
+            params.set_index_parameter(index, name, value)
     record = {
         "target_recall": target,
         "recall": round(got, 4),

@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE, MANIFEST_FILE)
 OPTIONAL_FILES = (VECTORS_FILE,)
-"""Index files only some index types have (PQ codes keep their vectors)."""
+"""Index files only some index types have (SQ8 and PQ codes keep their vectors)."""
 MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
 
