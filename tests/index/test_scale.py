@@ -202,3 +202,22 @@ def test_training_sample_bounded_by_budget(tmp_path):
     )
     assert manifest["train_rows"] == 3000 < 256 * 64
     assert manifest["train_rows"] >= 39 * 64
+
+
+def test_adds_assign_vectors_to_their_nearest_list(tmp_path):
+    from faiss.contrib.inspect_tools import get_invlist
+
+    # an HNSW coarse quantizer searched at FAISS's default efSearch (16) misplaces vectors
+    x = _clustered(170_000, 64, 50, seed=3)
+    build_index(_batches(x, 20_000), tmp_path, dim=64, count=len(x), factory="IVF4096_HNSW32,Flat")
+    index = faiss.read_index(str(tmp_path / "index.faiss"))
+    ivf = faiss.extract_index_ivf(index)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    storage = faiss.downcast_index(quantizer.storage)
+    centroids = storage.reconstruct_n(0, ivf.nlist)
+    nearest = np.argmax(x @ centroids.T, axis=1)
+    listed = np.empty(len(x), dtype=np.int64)
+    for lst in range(ivf.nlist):
+        ids, _ = get_invlist(ivf.invlists, lst)
+        listed[ids] = lst
+    assert (listed == nearest).mean() >= 0.999
