@@ -32,8 +32,8 @@ from vlray.index.build import (
     Batches,
     _discard,
     _nlist,
-    _sample_and_queries,
     _tmp_name,
+    _train,
     _write_manifest,
     add_batches,
     choose_factory,
@@ -41,12 +41,9 @@ from vlray.index.build import (
     manifest_fields,
     new_index,
     open_vectors,
-    query_positions,
-    train_index,
     tune_refined,
     write_files,
 )
-from vlray.index.refine import VectorWriter
 from vlray.index.tune import TARGET_RECALL, ExactTopK
 
 Shard = tuple[Batches, int]  # (batches callable, its row count)
@@ -108,26 +105,6 @@ def _merge(index: faiss.Index, parts: list[ShardResult], truth: ExactTopK, ids_t
     index.ntotal = ivf.ntotal
 
 
-def _trained(
-    all_rows: Batches,
-    index: faiss.Index,
-    factory: str,
-    count: int,
-    dim: int,
-    budget: int,
-    seed: int,
-    truth: ExactTopK,
-    vectors: VectorWriter | None,
-) -> tuple[int, np.ndarray]:
-    """The driver's pass: queries and ``vectors`` taken, ``index`` trained on the sample;
-    returns (training rows, the trained index serialized for the tasks)."""
-    sample = _sample_and_queries(all_rows, index, factory, count, dim, budget, seed, truth, vectors)
-    train_rows = 0 if sample is None else int(sample.shape[0])
-    if sample is not None:
-        train_index(index, sample, seed)
-    return train_rows, faiss.serialize_index(index)
-
-
 def build_index_sharded(
     shards: list[Shard],
     index_dir: str | Path,
@@ -159,13 +136,13 @@ def build_index_sharded(
     out = Path(index_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-    truth = ExactTopK(query_positions(count, seed), dim)
     ids_tmp = _tmp_name(out / IDS_FILE)
     vectors = open_vectors(out, factory, dim, count)  # written by the driver's sampling pass
     try:
-        train_rows, trained = _trained(
-            _chain(shards), index, factory, count, dim, memory_budget_bytes, seed, truth, vectors
+        truth, train_rows = _train(
+            _chain(shards), index, factory, count, dim, memory_budget_bytes, seed, vectors
         )
+        trained = faiss.serialize_index(index)
         offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]])
         items = [
             (trained, batches, int(o), dim, truth.queries, truth.positions)
