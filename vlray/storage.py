@@ -341,6 +341,18 @@ def fetch_bytes(
     raise AssertionError("unreachable")
 
 
+def _local_tmp(location: Location) -> str:
+    """A hidden temporary name beside a local ``location`` (its folder created)."""
+    parent = posixpath.dirname(location.path)
+    location.fs.create_dir(parent, recursive=True)
+    return posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(location.path)}")
+
+
+def _write_error(location: Location, exc: OSError) -> OSError:
+    """A one-line, secret-free error for a failed write to ``location``."""
+    return OSError(f"cannot write {location.uri}: {scrub(' '.join(str(exc).split()))}")
+
+
 def write_bytes_atomic(location: Location, data: bytes) -> None:
     """Writes a file so that readers see all of it or nothing.
 
@@ -348,9 +360,7 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
     no directory-marker objects are created).
     """
     if location.is_local:
-        parent = posixpath.dirname(location.path)
-        location.fs.create_dir(parent, recursive=True)
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(location.path)}")
+        tmp = _local_tmp(location)
         with location.fs.open_output_stream(tmp) as out:
             out.write(data)
         os.replace(tmp, location.path)
@@ -359,9 +369,7 @@ def write_bytes_atomic(location: Location, data: bytes) -> None:
             with location.fs.open_output_stream(location.path) as out:
                 out.write(data)
         except OSError as exc:
-            raise OSError(
-                f"cannot write {location.uri}: {scrub(' '.join(str(exc).split()))}"
-            ) from None
+            raise _write_error(location, exc) from None
     else:
         location.fs.create_dir(posixpath.dirname(location.path), recursive=True)
         with location.fs.open_output_stream(location.path) as out:
@@ -385,9 +393,7 @@ def upload_file(path: str, location: Location) -> None:
     """Streams local ``path`` to ``location`` (S3: one multipart upload, visible whole when
     complete; local: a temp file renamed)."""
     if location.is_local:
-        parent = posixpath.dirname(location.path)
-        os.makedirs(parent, exist_ok=True)
-        tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(location.path)}")
+        tmp = _local_tmp(location)
         shutil.copyfile(path, tmp)
         os.replace(tmp, location.path)
         return
@@ -395,7 +401,7 @@ def upload_file(path: str, location: Location) -> None:
         with open(path, "rb") as src, location.fs.open_output_stream(location.path) as dst:
             shutil.copyfileobj(src, dst, COPY_CHUNK)
     except OSError as exc:
-        raise OSError(f"cannot write {location.uri}: {scrub(' '.join(str(exc).split()))}") from None
+        raise _write_error(location, exc) from None
 
 
 def write_parquet_atomic(location: Location, table: pa.Table) -> None:

@@ -453,7 +453,8 @@ def _sample_and_queries(
 def _each_batch(
     truth: ExactTopK | None, vectors: VectorWriter | None
 ) -> Callable[[np.ndarray, int], None] | None:
-    sinks = [f.take if isinstance(f, ExactTopK) else f.write for f in (truth, vectors) if f]
+    """One ``on_batch`` feeding the queries' ``truth`` and the vector file (None: neither)."""
+    sinks = [sink for sink in (truth and truth.take, vectors and vectors.write) if sink]
     if not sinks:
         return None
 
@@ -482,26 +483,30 @@ def add_batches(
     *,
     offset: int = 0,
     truth: ExactTopK | None = None,
+    vectors: VectorWriter | None = None,
 ) -> int:
     """Adds every batch to ``index`` at positions ``offset...`` (``add_with_ids`` for IVF, so
-    shards built apart merge into the same positions), writes their ids, updates ``truth``.
+    shards built apart merge into the same positions), writes their ids (and to ``vectors``
+    their rows), updates ``truth``.
 
     Returns:
         Rows added.
     """
     rows = 0
     ivf = _nlist(index) is not None
-    for ids, vectors in batches():
-        ids, vectors = _check_batch(ids, vectors, dim)
+    for ids, batch in batches():
+        ids, batch = _check_batch(ids, batch, dim)
         if not ids:
             continue
         writer.write_table(pa.table({"id": _id_array(ids)}, schema=IDS_SCHEMA))
+        if vectors is not None:
+            vectors.write(batch, offset + rows)
         if ivf:
-            index.add_with_ids(vectors, np.arange(offset + rows, offset + rows + len(ids)))
+            index.add_with_ids(batch, np.arange(offset + rows, offset + rows + len(ids)))
         else:
-            index.add(vectors)
+            index.add(batch)
         if truth is not None:
-            truth.update(vectors, offset + rows)
+            truth.update(batch, offset + rows)
         rows += len(ids)
     return rows
 
@@ -615,6 +620,57 @@ def _train(
     return truth, int(sample.shape[0])
 
 
+def _checked_fields(dim: int, count: int, manifest: dict | None) -> dict:
+    """The caller's manifest fields, once ``dim``, ``count`` and they are known good (before
+    any file is touched)."""
+    if dim <= 0:
+        raise ValueError(f"dim must be > 0, got {dim}")
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    fields = dict(manifest or {})
+    json.dumps(fields)  # not JSON-serialisable: fails here
+    return fields
+
+
+def _build_files(
+    batches: Batches,
+    out: Path,
+    blank: tuple[faiss.Index, dict[str, int]],
+    factory: str,
+    count: int,
+    memory_budget_bytes: int,
+    seed: int,
+    target_recall: float,
+    start: float,
+) -> dict:
+    """Both passes of :func:`build_index` over ``blank`` (:func:`new_index`'s empty index and
+    default search parameters) and its files in place; returns the index's manifest fields
+    (the manifest itself is the caller's to write)."""
+    index, search_params = blank
+    dim = int(index.d)
+    ids_tmp = _tmp_name(out / IDS_FILE)
+    vectors = open_vectors(out, factory, dim, count)
+    try:
+        truth, train_rows = _train(
+            batches, index, factory, count, dim, memory_budget_bytes, seed, vectors
+        )
+        # Fast-scan lists take adds (only merge_from is unsafe): converting the empty index
+        # keeps one copy of the codes instead of two at the end of the build.
+        index = finish_index(index, factory)
+        with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
+            rows = add_batches(batches, index, writer, dim, truth=truth)
+        if rows != count:
+            raise ValueError(f"batches yielded {rows} rows but count={count}")
+        tuning = refine = None
+        if truth is not None:
+            search_params, tuning, refine = tune_refined(index, truth, target_recall, vectors)
+        write_files(out, index, ids_tmp, vectors)
+    finally:
+        ids_tmp.unlink(missing_ok=True)
+        _discard(vectors)
+    return manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, refine)
+
+
 def build_index(
     batches: Batches,
     index_dir: str | Path,
@@ -658,54 +714,31 @@ def build_index(
             count that differs from ``count``.
     """
     start = time.perf_counter()
-    if dim <= 0:
-        raise ValueError(f"dim must be > 0, got {dim}")
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    caller_fields = dict(manifest or {})
-    json.dumps(caller_fields)  # fail before any file is touched if it is not JSON-serialisable
-    if count == 0:
-        factory = "Flat"  # nothing to train on; an empty exact index is still valid
-    elif factory is None:
-        factory = choose_factory(count, dim, memory_budget_bytes)
-    index, search_params = new_index(factory, dim, seed)
+    caller_fields = _checked_fields(dim, count, manifest)
+    # no rows: nothing to train on, and an empty exact index is still valid
+    factory = "Flat" if count == 0 else factory or choose_factory(count, dim, memory_budget_bytes)
+    blank = new_index(factory, dim, seed)  # before any file is touched: checks the factory
     out = Path(index_dir)
     out.mkdir(parents=True, exist_ok=True)
     # A manifest next to half-replaced files would describe the wrong index: drop it first.
     (out / MANIFEST_FILE).unlink(missing_ok=True)
-
-    ids_tmp = _tmp_name(out / IDS_FILE)
-    vectors = open_vectors(out, factory, dim, count)
-    try:
-        truth, train_rows = _train(
-            batches, index, factory, count, dim, memory_budget_bytes, seed, vectors
-        )
-        # Fast-scan lists take adds (only merge_from is unsafe): converting the empty index
-        # keeps one copy of the codes instead of two at the end of the build.
-        index = finish_index(index, factory)
-        with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
-            rows = add_batches(batches, index, writer, dim, truth=truth)
-        if rows != count:
-            raise ValueError(f"batches yielded {rows} rows but count={count}")
-        tuning = refine = None
-        if truth is not None:
-            search_params, tuning, refine = tune_refined(index, truth, target_recall, vectors)
-        write_files(out, index, ids_tmp, vectors)
-    finally:
-        ids_tmp.unlink(missing_ok=True)
-        _discard(vectors)
+    fields = _build_files(
+        batches, out, blank, factory, count, memory_budget_bytes, seed, target_recall, start
+    )
     if before_manifest is not None:
         before_manifest(out)
-
-    result = {
-        **caller_fields,
-        **manifest_fields(index, factory, search_params, tuning, train_rows, seed, start, refine),
-    }
+    result = {**caller_fields, **fields}
     _write_manifest(out, result)
     logger.info(
         "built %s index of %d x %d in %.1fs", factory, result["count"], dim, result["build_seconds"]
     )
     return result
+
+
+def _copy_ids(path: Path, writer: pq.ParquetWriter) -> None:
+    """Streams an index's ids into ``writer`` (the rows an add keeps)."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=1 << 16):
+        writer.write_table(pa.Table.from_batches([batch]).cast(IDS_SCHEMA))
 
 
 def _appending(out: Path, manifest: dict) -> VectorWriter | None:
@@ -714,10 +747,9 @@ def _appending(out: Path, manifest: dict) -> VectorWriter | None:
     refine = manifest.get("refine")
     if not refine:
         return None
-    path = out / refine["file"]
-    count = int(manifest["count"])
-    VectorStore(path, int(manifest["dim"]), count).close()  # it holds every indexed row
-    return VectorWriter(path, int(manifest["dim"]), start_rows=count)
+    return VectorWriter(
+        out / refine["file"], int(manifest["dim"]), start_rows=int(manifest["count"])
+    )
 
 
 def _kind(factory: str) -> str:
@@ -786,35 +818,20 @@ def add_to_index(
     if old.get("dim") != dim:
         raise ValueError(f"cannot add {dim}-d vectors to a {old.get('dim')}-d index: rebuild it")
     index = faiss.read_index(str(out / old.get("index_file", INDEX_FILE)))
-    index_path, ids_path = out / INDEX_FILE, out / IDS_FILE
-    ids_tmp, index_tmp = _tmp_name(ids_path), _tmp_name(index_path)
-    vectors = _appending(out, old)
+    ids_tmp = _tmp_name(out / IDS_FILE)
+    vectors = _appending(out, old)  # in place: rows past the manifest's count are never read
     try:
-        rows = 0
         with pq.ParquetWriter(ids_tmp, IDS_SCHEMA) as writer:
-            previous = pq.ParquetFile(out / old.get("ids_file", IDS_FILE))
-            for batch in previous.iter_batches(batch_size=1 << 16):
-                writer.write_table(pa.Table.from_batches([batch]).cast(IDS_SCHEMA))
-            for ids, batch in batches():
-                ids, batch = _check_batch(ids, batch, dim)
-                if not ids:
-                    continue
-                writer.write_table(pa.table({"id": pa.array(ids, pa.string())}, schema=IDS_SCHEMA))
-                if vectors is not None:
-                    vectors.write(batch, vectors.rows)
-                index.add(batch)
-                rows += len(ids)
+            _copy_ids(out / old.get("ids_file", IDS_FILE), writer)
+            rows = add_batches(
+                batches, index, writer, dim, offset=int(index.ntotal), vectors=vectors
+            )
         if rows != count:
             raise ValueError(f"batches yielded {rows} rows but count={count}")
-        if vectors is not None:
-            vectors.close()  # rows past the manifest's count are never read
-        faiss.write_index(index, str(index_tmp))
         (out / MANIFEST_FILE).unlink(missing_ok=True)
-        _fsync_replace(index_tmp, index_path)
-        _fsync_replace(ids_tmp, ids_path)
+        write_files(out, index, ids_tmp, vectors)
     finally:
         ids_tmp.unlink(missing_ok=True)
-        index_tmp.unlink(missing_ok=True)
         if vectors is not None:
             vectors.close()
     if before_manifest is not None:

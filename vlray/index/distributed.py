@@ -105,6 +105,23 @@ def _merge(index: faiss.Index, parts: list[ShardResult], truth: ExactTopK, ids_t
     index.ntotal = ivf.ntotal
 
 
+def _add_shards(
+    index: faiss.Index,
+    shards: list[Shard],
+    dim: int,
+    truth: ExactTopK,
+    map_shards: Callable[[Callable[..., ShardResult], Iterable[tuple]], Any],
+) -> list[ShardResult]:
+    """Every shard added to a copy of the trained ``index`` at its global positions."""
+    trained = faiss.serialize_index(index)
+    offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]])
+    items = [
+        (trained, batches, int(o), dim, truth.queries, truth.positions)
+        for (batches, _), o in zip(shards, offsets, strict=True)
+    ]
+    return list(map_shards(add_shard, items))
+
+
 def build_index_sharded(
     shards: list[Shard],
     index_dir: str | Path,
@@ -142,15 +159,7 @@ def build_index_sharded(
         truth, train_rows = _train(
             _chain(shards), index, factory, count, dim, memory_budget_bytes, seed, vectors
         )
-        trained = faiss.serialize_index(index)
-        offsets = np.concatenate([[0], np.cumsum([n for _, n in shards])[:-1]])
-        items = [
-            (trained, batches, int(o), dim, truth.queries, truth.positions)
-            for (batches, _), o in zip(shards, offsets, strict=True)
-        ]
-        parts = list((map_shards or ray_map)(add_shard, items))
-        _merge(index, parts, truth, ids_tmp)
-        del parts
+        _merge(index, _add_shards(index, shards, dim, truth, map_shards or ray_map), truth, ids_tmp)
         if index.ntotal != count:
             raise ValueError(f"shards added {index.ntotal} rows, expected {count}")
         index = finish_index(index, factory)

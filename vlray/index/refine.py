@@ -1,11 +1,11 @@
 """Exact re-ranking from disk: the stored vectors beside a compressed index.
 
-A compressed code (4-bit PQ above all, 8-bit SQ less so) ranks a query's true neighbours among its first few
-hundred candidates but not in its first ten: on 10 k clustered 768-d vectors PQ384x4fs finds
-35% of the exact top 10 in its own top 10, 86% in its top 100, 97% in its top 300. So an index
-with a lossy code (PQ, SQ8 and coarser) keeps every vector as float16 in ``vectors.f16`` (row = FAISS position, no
-header; dim and count are in the manifest), asks FAISS for ``k * k_factor`` candidates and
-re-ranks them by their exact inner products.
+A compressed code (4-bit PQ above all, 8-bit SQ less so) ranks a query's true neighbours
+among its first few hundred candidates but not in its first ten: on 10 k clustered 768-d
+vectors PQ384x4fs finds 35% of the exact top 10 in its own top 10, 86% in its top 100, 97% in
+its top 300. So an index with a lossy code (PQ, SQ8 and coarser) keeps every vector as float16
+in ``vectors.f16`` (row = FAISS position, no header; dim and count are in the manifest), asks
+FAISS for ``k * k_factor`` candidates and re-ranks them by their exact inner products.
 
 The file is read with ``os.pread`` (page cache, not the process's memory): it may be several
 times the memory budget (2 bytes per dimension per row) and is never loaded. A query of
@@ -46,6 +46,15 @@ def refine_fields(k_factor: int = K_FACTOR) -> dict:
     return {"file": VECTORS_FILE, "dtype": "float16", "k_factor": k_factor}
 
 
+def check_rows(path: Path, size: int, dim: int, count: int) -> None:
+    """Raises ValueError unless a vector file of ``size`` bytes holds ``count`` rows."""
+    if size < count * 2 * dim:
+        raise ValueError(
+            f"{path} holds {size // (2 * dim)} rows of dim {dim}, the index {count}: "
+            "rebuild the index"
+        )
+
+
 class VectorWriter:
     """Appends float16 rows to ``path`` (a temporary name the caller moves into place).
 
@@ -56,6 +65,8 @@ class VectorWriter:
         self.path = path
         self.dim = dim
         self.rows = start_rows
+        if start_rows:
+            check_rows(path, os.stat(path).st_size, dim, start_rows)
         self._file = open(path, "r+b" if start_rows else "wb")  # noqa: SIM115 - closed in close()
         self._file.truncate(start_rows * dim * 2)
         self._file.seek(start_rows * dim * 2)
@@ -84,13 +95,11 @@ class VectorStore:
         self._row_bytes = 2 * dim
         self._fd = -1
         self._fd = os.open(path, os.O_RDONLY)
-        size = os.fstat(self._fd).st_size
-        if size < count * self._row_bytes:
+        try:
+            check_rows(path, os.fstat(self._fd).st_size, dim, count)
+        except ValueError:
             self.close()
-            raise ValueError(
-                f"{path} holds {size // self._row_bytes} rows of dim {dim}, the index {count}: "
-                "rebuild the index"
-            )
+            raise
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """float32 (len(positions), dim) rows at ``positions`` (each in [0, count))."""
@@ -119,7 +128,8 @@ def refined_search(
     index: faiss.Index, store: VectorStore, queries: np.ndarray, k: int, k_factor: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``index.search``'s (scores, positions) with the top ``k * k_factor`` candidates (at
-    least ``MIN_CANDIDATES``) re-ranked by the exact inner products of their stored vectors (-1 pads, as FAISS)."""
+    least ``MIN_CANDIDATES``) re-ranked by the exact inner products of their stored vectors
+    (-1 pads, as FAISS)."""
     wanted = max(k * k_factor, MIN_CANDIDATES)
     _, candidates = index.search(queries, min(wanted, index.ntotal))
     scores = np.full((len(queries), k), -np.inf, dtype=np.float32)

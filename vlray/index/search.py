@@ -76,6 +76,7 @@ class SearchIndex:
     ):
         self._index = index
         self._vectors = vectors  # exact float16 rows of a lossy index, re-ranked on search
+        self._k_factor = int(manifest["refine"]["k_factor"]) if vectors is not None else 0
         self._ids = ids  # position -> id, Arrow large_string
         self._manifest = manifest
         self.load_seconds = load_seconds
@@ -166,8 +167,9 @@ class SearchIndex:
             return [[] for _ in range(queries.shape[0])]
         queries = np.ascontiguousarray(queries)
         if self._vectors is not None:
-            k_factor = int(self._manifest["refine"]["k_factor"])
-            scores, positions = refined_search(self._index, self._vectors, queries, k, k_factor)
+            scores, positions = refined_search(
+                self._index, self._vectors, queries, k, self._k_factor
+            )
         else:
             scores, positions = self._index.search(queries, k)
         valid = positions >= 0  # FAISS pads with -1 when fewer than k are found

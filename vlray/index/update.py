@@ -42,8 +42,6 @@ from vlray.storage import Location, download_file, list_files, read_bytes, uploa
 logger = logging.getLogger(__name__)
 
 INDEX_FILES = (INDEX_FILE, IDS_FILE, VECTORS_FILE, MANIFEST_FILE)
-OPTIONAL_FILES = (VECTORS_FILE,)
-"""Index files only some index types have (SQ8 and PQ codes keep their vectors)."""
 MODEL_KEYS = ("model", "family", "weights", "seed", "fingerprint")
 
 
@@ -140,8 +138,8 @@ def stage_index(index_loc: Location, staging: str, names: tuple[str, ...] = INDE
     streamed; an optional file its manifest does not name is skipped."""
     manifest = json.loads(read_bytes(index_loc.join(MANIFEST_FILE)))
     for name in names:
-        if name in OPTIONAL_FILES and not _names(manifest, name):
-            continue
+        if name == VECTORS_FILE and not manifest.get("refine"):
+            continue  # only SQ8 and PQ indexes keep one
         download_file(index_loc.join(name), os.path.join(staging, name))
 
 
@@ -153,14 +151,9 @@ def upload_index(index_loc: Location, staging: str, names: tuple[str, ...] = IND
     with hold_stops():
         for name in names:
             path = os.path.join(staging, name)
-            if name in OPTIONAL_FILES and not os.path.exists(path):
+            if name == VECTORS_FILE and not os.path.exists(path):
                 continue
             upload_file(path, index_loc.join(name))
-
-
-def _names(manifest: dict[str, Any], name: str) -> bool:
-    """Whether ``manifest`` refers to the optional index file ``name``."""
-    return name == VECTORS_FILE and bool(manifest.get("refine"))
 
 
 def same_model(existing: dict[str, Any] | None, fields: dict[str, Any]) -> dict[str, Any] | None:
@@ -239,21 +232,38 @@ def build_output_index(
                 manifest={**fields, "runs": runs},
             )
         else:
-            factory = config.index.factory or None
-            if factory is None and total:
-                factory = choose_factory(total, dim, budget, config.index.flat_max)
-            runs.append(run_entry(rows_added, mode, factory))
-            result = build_index(
-                iter_embeddings(output, all_paths),
-                staging,
-                dim=dim,
-                count=total,
-                factory=factory,
-                memory_budget_bytes=budget,
-                manifest={**fields, "runs": runs},
-            )
+            fields = {**fields, "runs": runs}
+            batches = iter_embeddings(output, all_paths)
+            result = _rebuild(config, batches, staging, dim, total, rows_added, fields)
     logger.info("index %s: %s over %d vectors", mode, result.get("factory"), result.get("count"))
     return {**result, "mode": mode}
+
+
+def _rebuild(
+    config: JobConfig,
+    batches: Batches,
+    staging: str,
+    dim: int,
+    total: int,
+    rows_added: int,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """A new index over every committed row (``batches``) in ``staging``; the manifest's
+    ``runs`` (in ``fields``) gains this run's entry with the factory chosen."""
+    budget = int(config.index.memory_budget_gb * (1 << 30))
+    factory = config.index.factory or None
+    if factory is None and total:
+        factory = choose_factory(total, dim, budget, config.index.flat_max)
+    fields["runs"].append(run_entry(rows_added, "rebuild", factory))
+    return build_index(
+        batches,
+        staging,
+        dim=dim,
+        count=total,
+        factory=factory,
+        memory_budget_bytes=budget,
+        manifest=fields,
+    )
 
 
 def rows_to_add(
